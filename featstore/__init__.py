@@ -1,0 +1,8 @@
+"""featstore: a chunked Zarr feature store with a FAISS index beside it."""
+
+from featstore.errors import UserError
+
+__version__ = "0.1.0"
+FORMAT_VERSION = 1
+
+__all__ = ["UserError", "FORMAT_VERSION", "__version__"]

@@ -220,3 +220,18 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     np.testing.assert_array_equal(a.load_features(dtype="float16"), b.load_features(dtype="float16"))
     np.testing.assert_array_equal(a.labels, b.labels)
     assert a.fingerprint == b.fingerprint
+
+
+@pytest.mark.parametrize("dataset,classes", [("omniglot", 964 + 659), ("fashion-mnist", 10)])
+def test_real_data_extracts_through_worker_processes(tmp_path, shared_data, dataset, classes):
+    root = shared_data / dataset
+    cfg = ExtractConfig(model="conv4", out=str(tmp_path / "s.zarr"), dataset=dataset, data_root=str(root),
+                        random_init=True, image_size=28, limit=96, chunk_rows=32, batch_size=16, workers=2,
+                        quiet=True)
+    assert run_extraction(cfg).complete
+    store = FeatureStore.open(cfg.out)
+    assert len(store.classes) == classes and store.n == 96
+    source = ds.open_source(dataset, root=root)
+    assert list(store.ids) == list(source.ids[:96])
+    x = store.load_features()
+    assert np.isfinite(x).all() and x.std() > 0

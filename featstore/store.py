@@ -389,8 +389,16 @@ class FeatureStore:
         return i * cr, min(self.n, (i + 1) * cr)
 
     def done_chunks(self) -> np.ndarray:
-        """[n_chunks] bool, read fresh from disk on every call (a writer may be appending)."""
-        return np.asarray(self.group["done"][:], dtype=bool)
+        """[n_chunks] bool, read fresh from disk while the store is unfinished (a writer may be appending).
+
+        Flags only ever go from false to true, so once every chunk is done the answer is cached.
+        """
+        if self._cache.get("complete"):
+            return np.ones(self.n_chunks, dtype=bool)
+        done = np.asarray(self.group["done"][:], dtype=bool)
+        if done.all():
+            self._cache["complete"] = True
+        return done
 
     def done_rows(self) -> np.ndarray:
         """[N] bool mask of rows in done chunks."""
@@ -528,22 +536,46 @@ class FeatureStore:
         self.group = zarr.open_group(str(self.path), mode="r+" if self.writable else "r")
 
     # ------------------------------------------------------------------ reading
+    def _array(self, name: str):
+        """Array handles are cached: opening one re-reads its metadata file, too slow for per-chunk use."""
+        key = ("array", name)
+        if key not in self._cache:
+            self._cache[key] = self.group[name]
+        return self._cache[key]
+
     def _raw_chunk_path(self, array: str, chunk: int) -> Path | None:
         """Path of an uncompressed, unsharded chunk file holding raw little-endian C-order bytes, or None."""
-        arr = self.group[array]
+        arr = self._array(array)
         meta = arr.metadata
         codecs = getattr(meta, "codecs", ())
         if len(codecs) != 1 or type(codecs[0]).__name__ != "BytesCodec":
             return None
-        if np.dtype(arr.dtype).byteorder not in ("=", "<", "|") or np.little_endian is False:
+        if np.dtype(arr.dtype).byteorder not in ("=", "<", "|") or not np.little_endian:
             return None
         key = meta.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
         return self.path / array / key
 
+    def _chunk_memmap(self, chunk: int, *, done: bool) -> np.ndarray | None:
+        """A read-only memory map of an uncompressed features chunk ``[chunk_rows, D]``, or None.
+
+        Maps of done chunks are cached: a done chunk is never rewritten by a resume, so its map stays valid.
+        """
+        key = ("memmap", chunk)
+        if key in self._cache:
+            return self._cache[key]
+        path = self._raw_chunk_path("features", chunk)
+        if path is None or not path.is_file():
+            return None
+        mapped = np.memmap(path, dtype=np.dtype(self._array("features").dtype), mode="r",
+                           shape=(self.layout.chunk_rows, self.dim))
+        if done:
+            self._cache[key] = mapped
+        return mapped
+
     def _read_rows(self, array: str, lo: int, hi: int, out: np.ndarray) -> None:
         """Read rows lo:hi of a 2-D array into ``out`` (any float dtype), bypassing zarr for raw chunk files."""
         cr = self.layout.chunk_rows
-        arr = self.group[array]
+        arr = self._array(array)
         dtype = np.dtype(arr.dtype)
         c0, c1 = lo // cr, -(-hi // cr)
         for c in range(c0, c1):
@@ -582,8 +614,8 @@ class FeatureStore:
         _check_rows(rows, self.n, "rows")
         cr = self.layout.chunk_rows
         chunk_of = rows // cr
+        done = self.done_chunks()
         if require_done:
-            done = self.done_chunks()
             if not done[chunk_of].all():
                 bad = int(rows[~done[chunk_of]][0])
                 raise UserError(f"row {bad} of store {self.path} is in a chunk that is not done yet")
@@ -595,20 +627,15 @@ class FeatureStore:
         bounds = np.flatnonzero(np.diff(sorted_chunks)) + 1
         starts = np.concatenate([[0], bounds])
         ends = np.concatenate([bounds, [len(rows)]])
-        feat_dtype = np.dtype(self.group["features"].dtype)
         for s, e in zip(starts, ends):
             c = int(sorted_chunks[s])
             positions = order[s:e]
             local = rows[positions] - c * cr
-            path = self._raw_chunk_path("features", c)
-            if path is not None and path.is_file():
-                chunk = np.memmap(path, dtype=feat_dtype, mode="r", shape=(cr, self.dim))
-                out[positions] = chunk[local]
-                del chunk
-            else:
+            chunk = self._chunk_memmap(c, done=bool(done[c]))
+            if chunk is None:
                 lo, hi = self.chunk_range(c)
-                block = np.asarray(self.group["features"][lo:hi])
-                out[positions] = block[local]
+                chunk = np.asarray(self._array("features")[lo:hi])
+            out[positions] = chunk[local]
         return out
 
     def load_views(self, rows: np.ndarray | None = None, dtype: str = "float32") -> np.ndarray:

@@ -1,0 +1,171 @@
+"""heads/matching.py: matching networks with full-context embeddings on features (lowshot.md section 8)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from heads.base import NotFittedError, create_head
+from heads.matching import MatchingNet, MatchingNetwork, class_log_probs, lowshot_support
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (2 threads on a shared 2-core machine were many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _clustered(n_classes=8, per_class=30, d=16, noise=0.6, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, d))
+    x = np.concatenate([c + noise * rng.standard_normal((per_class, d)) for c in centres]).astype(np.float32)
+    return x, np.repeat(np.arange(n_classes), per_class)
+
+
+def test_registered_and_unfitted():
+    head = create_head("matching", steps=3)
+    assert isinstance(head, MatchingNetwork)
+    with pytest.raises(NotFittedError):
+        head.logits(np.zeros((2, 4), dtype=np.float32))
+
+
+def test_fce_embedding_shapes_and_normalisation():
+    torch.manual_seed(0)
+    net = MatchingNet(6, steps=3, fce=True)
+    support, queries = torch.randn(2, 9, 6), torch.randn(2, 4, 6)
+    g, g_hat = net.encode_support(support)
+    assert g.shape == g_hat.shape == (2, 9, 6)
+    norms = g.norm(dim=-1)
+    torch.testing.assert_close(g_hat.norm(dim=-1), norms / (norms + 1e-5))
+    # residual: g = x + h_fwd + h_bwd
+    out, _ = net.encoder(support)
+    torch.testing.assert_close(g, support + out[..., :6] + out[..., 6:])
+    h = net.embed_query(queries, g)
+    assert h.shape == (2, 4, 6)
+    a = net.attention_weights(h, g)
+    assert a.shape == (2, 4, 9)
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 4))
+    assert (a >= 0).all()
+    # one episode's result does not depend on the other episode in the batch
+    g0, _ = net.encode_support(support[:1])
+    torch.testing.assert_close(net.embed_query(queries[:1], g0), h[:1])
+
+
+def test_attention_lstm_matches_a_manual_unroll():
+    torch.manual_seed(1)
+    net = MatchingNet(5, steps=2, fce=True)
+    f, g = torch.randn(1, 3, 5), torch.randn(1, 7, 5)
+    h, c = f[0], torch.zeros(3, 5)
+    for _ in range(2):
+        a = torch.softmax(h @ g[0].T, dim=1)  # over the unnormalised g
+        h, c = net.cell(torch.cat((f[0], a @ g[0]), dim=1), (h, c))  # read-out fed as the cell input
+        h = h + f[0]
+    torch.testing.assert_close(net.embed_query(f, g)[0], h)
+
+
+def test_logits_without_fce_equal_plain_cosine_attention():
+    rng = np.random.default_rng(3)
+    support = rng.standard_normal((7, 4)).astype(np.float32)
+    labels = np.array([5, 2, 5, 9, 2, 2, 9])
+    query = rng.standard_normal((3, 4)).astype(np.float32)
+    head = MatchingNetwork(fce=False).fit(support, labels)
+    got = head.logits(query)
+    # by hand: only the support is normalised; softmax over the items; summed per class; log
+    s = support.astype(np.float64)
+    g_hat = s / (np.linalg.norm(s, axis=1, keepdims=True) + 1e-5)
+    scores = query.astype(np.float64) @ g_hat.T
+    p = np.exp(scores - scores.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = np.log(np.stack([p[:, labels == c].sum(1) for c in (2, 5, 9)], axis=1))
+    assert head.classes_.tolist() == [2, 5, 9]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head.attention(query).sum(1), torch.ones(3))
+    np.testing.assert_allclose(head.attention(query).numpy(), p, rtol=1e-5, atol=1e-6)
+    # the benchmark's n-way scoring: absent classes get -inf
+    wide = MatchingNetwork(fce=False).fit(support, labels, n_classes=11).logits(query)
+    assert wide.shape == (3, 11)
+    assert torch.isinf(wide[:, [0, 1, 3, 4, 6, 7, 8, 10]]).all()
+    np.testing.assert_allclose(wide[:, [2, 5, 9]].numpy(), want, rtol=1e-5, atol=1e-5)
+    assert head.predict(query).shape == (3,)
+
+
+def test_class_log_probs_is_stable_for_far_classes():
+    scores = torch.tensor([[0.0, -200.0, -201.0]])
+    out = class_log_probs(scores, torch.tensor([0, 1, 1]), 2)
+    assert torch.isfinite(out).all()
+    want = torch.log(torch.exp(torch.tensor(-200.0, dtype=torch.float64)) * (1 + math.exp(-1)))
+    assert abs(float(out[0, 1]) - float(want)) < 1e-3
+
+
+def test_batched_episodes_equal_single_fits():
+    rng = np.random.default_rng(4)
+    support = rng.standard_normal((3, 6, 5)).astype(np.float32)
+    labels = np.tile(np.array([0, 0, 1, 1, 2, 2]), (3, 1))
+    queries = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    head = MatchingNetwork(steps=2, seed=1, batch_size=3).fit(support, labels)
+    batched = head.logits(queries)
+    assert batched.shape == (3, 4, 3)
+    for e in range(3):
+        single = MatchingNetwork(steps=2, seed=1).fit(support[e], labels[e]).logits(queries[e])
+        torch.testing.assert_close(batched[e], single, rtol=1e-5, atol=1e-5)
+
+
+def test_meta_training_lowers_the_loss():
+    x, y = _clustered()
+    head = MatchingNetwork(steps=2, seed=0)
+    head.meta_train(x, y, ways=5, shots=5, queries=2, episodes=240, lr=0.1, seed=0)
+    hist = head.loss_history_
+    assert hist.shape == (240,) and np.isfinite(hist).all()
+    assert hist[-60:].mean() < 0.8 * hist[:60].mean()
+    # and the trained head classifies held-out queries of the same clusters
+    sup = np.concatenate([np.flatnonzero(y == c)[:3] for c in range(8)])
+    qry = np.concatenate([np.flatnonzero(y == c)[3:] for c in range(8)])
+    acc = (head.fit(x[sup], y[sup]).predict(x[qry]).numpy() == y[qry]).mean()
+    assert acc > 0.6
+    # same seed, same training
+    again = MatchingNetwork(steps=2, seed=0).meta_train(x, y, ways=5, shots=5, queries=2, episodes=20, seed=0)
+    first = MatchingNetwork(steps=2, seed=0).meta_train(x, y, ways=5, shots=5, queries=2, episodes=20, seed=0)
+    np.testing.assert_array_equal(again.loss_history_, first.loss_history_)
+
+
+def test_episodes_follow_the_spec():
+    x, y = _clustered(n_classes=6, per_class=12)
+    head = MatchingNetwork()
+    order = np.argsort(y, kind="stable")
+    classes, starts, counts = np.unique(y[order], return_index=True, return_counts=True)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        s_rows, s_cls, q_rows = head._episode(rng, order, starts, counts, 4, 10, 1)
+        assert q_rows.shape == (4,)
+        ep_classes = y[q_rows]
+        assert len(set(ep_classes.tolist())) == 4
+        for pos, c in enumerate(ep_classes):
+            rows = s_rows[s_cls == pos]
+            assert 1 <= rows.size <= 10 and np.all(y[rows] == c)
+            assert np.all(np.diff(rows) > 0)  # sorted by row index, no repeats
+            assert q_rows[pos] not in rows  # the query is excluded from the support
+        assert np.all(np.diff(s_cls) >= 0)  # grouped by class in the episode order
+    with pytest.raises(ValueError, match="fewer than 2 rows"):
+        MatchingNetwork().meta_train(x[:13], y[:13], episodes=1)
+
+
+def test_lowshot_support_layout():
+    rng = np.random.default_rng(6)
+    base_y = np.repeat([0, 3, 4], [150, 120, 80])
+    base_x = rng.standard_normal((base_y.size, 4)).astype(np.float32)
+    base_x[:, 0] = np.arange(base_y.size)  # row ids, to check the row order
+    novel_y = np.array([1, 1, 1, 2, 2, 2])
+    novel_x = rng.standard_normal((6, 4)).astype(np.float32)
+    feats, labels = lowshot_support(base_x, base_y, novel_x, novel_y, per_class=100, seed=0)
+    counts = {int(c): int((labels == c).sum()) for c in labels.unique()}
+    assert counts == {0: 100, 3: 100, 4: 80, 1: 102, 2: 102}  # all 80 of class 4; novel tiled ceil(100/3) = 34x
+    base_part = feats[:280, 0].numpy()
+    assert np.all(np.diff(base_part[:100]) > 0) and np.all(np.diff(base_part[100:200]) > 0)
+    torch.testing.assert_close(feats[280:], torch.from_numpy(np.tile(novel_x, (34, 1))))  # tiled as a block
+    assert labels[280:].tolist() == np.tile(novel_y, 34).tolist()
+    head = MatchingNetwork(steps=1).fit_lowshot(base_x, base_y, novel_x, novel_y, n_classes=5)
+    assert head.logits(novel_x).shape == (6, 5)

@@ -1,0 +1,331 @@
+"""bench lowshot: the protocol (classes, sample subsets, split files), metrics, refusals and the command end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench import lowshot as ls
+from bench.lowshot import LowShotConfig, LowShotMethod, register_method
+from featstore.errors import UserError
+from featstore.store import FeatureStore, Layout
+
+ROOT = Path(__file__).resolve().parents[1]
+C, DRAWERS, DIM = 20, 20, 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_store(path, *, classes=C, drawers=DRAWERS, dim=DIM, seed=0, pad=0, provenance=None, names=None,
+               fingerprint=None, splits=None):
+    """Omniglot-like: ``classes`` x ``drawers`` rows, class-contiguous, meta "drawer" 1..drawers, clustered ReLU
+    features; ``pad`` all-zero rows labelled 0 at the end (an HDF5 import whose count was not honoured)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, dim)).astype(np.float32) * 1.2
+    labels = np.repeat(np.arange(classes), drawers)
+    drawer = np.tile(np.arange(1, drawers + 1), classes)
+    x = np.maximum(centres[labels] + rng.standard_normal((len(labels), dim)).astype(np.float32), 0)
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, dim), np.float32)])
+        labels = np.concatenate([labels, np.zeros(pad, np.int64)])
+        drawer = np.concatenate([drawer, np.zeros(pad, np.int64)])
+    n = len(labels)
+    store = FeatureStore.create(path, Layout(n=n, dim=dim, dtype="float32", chunk_rows=128),
+                                fingerprint=fingerprint or {"model": "synthetic", "seed": seed},
+                                classes=names or [f"char{c:02d}" for c in range(classes)], labels=labels,
+                                ids=[f"s{i}" for i in range(n)], meta={"drawer": drawer},
+                                provenance=provenance, splits=splits)
+    for c in range(store.n_chunks):
+        lo, hi = store.chunk_range(c)
+        store.write_chunk(c, x[lo:hi])
+    store.close()
+    return FeatureStore.open(path)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("lowshot") / "s.zarr")
+
+
+def cfg_for(store, out, **kw):
+    base = dict(store=str(store.path), out=str(out), iterations=60, batch_size=60, threads=1, quiet=True)
+    base.update(kw)
+    return LowShotConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+def test_parse_n():
+    assert ls.parse_n("1..20") == [1, 2, 5, 10, 20]
+    assert ls.parse_n("2..10") == [2, 5, 10]
+    assert ls.parse_n("1,3,7") == [1, 3, 7]
+    assert ls.parse_n("7, 3,3") == [3, 7]
+    assert ls.parse_n("5") == [5]
+    assert ls.parse_n([20, 1]) == [1, 20]
+    for bad in ("", "0", "a..b", "3..1", "1;2", "-1", "21..30"):
+        with pytest.raises(UserError):
+            ls.parse_n(bad)
+
+
+def test_rule_mask(store):
+    drawer = store.meta("drawer")
+    np.testing.assert_array_equal(ls.rule_mask(store, "drawer<=16"), drawer <= 16)
+    np.testing.assert_array_equal(ls.rule_mask(store, "drawer >= 3 & drawer!=5"), (drawer >= 3) & (drawer != 5))
+    with pytest.raises(UserError, match="no per-sample meta 'alphabet'"):
+        ls.rule_mask(store, "alphabet<3")
+    with pytest.raises(UserError, match="META OP VALUE"):
+        ls.rule_mask(store, "drawer~3")
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def test_topk_hits_and_subset_accuracies_by_hand():
+    logits = torch.tensor([[0.9, 0.1, 0.0, 0.0, 0.0, 0.0],   # label 0: top-1 hit
+                           [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],   # label 5: ranked 6th -> miss at top-5
+                           [0.1, 0.6, 0.5, 0.0, 0.0, 0.0],   # label 2: 2nd -> top-5 hit only
+                           [0.0, 0.0, 0.0, 0.0, 0.2, 0.9]])  # label 4: 2nd -> top-5 hit only
+    labels = np.array([0, 5, 2, 4])
+    hits = ls.topk_hits(logits, labels, ks=(1, 5))
+    np.testing.assert_array_equal(hits, [[1, 0, 0, 0], [1, 0, 1, 1]])
+    acc = ls.subset_accuracies(hits, labels, base=[0, 2], novel=[4, 5])
+    assert acc == {"novel_top1": 0.0, "novel_top5": 50.0, "base_top1": 50.0, "base_top5": 100.0,
+                   "all_top1": 25.0, "all_top5": 75.0}
+    # fewer than 5 classes: top-5 = every class
+    assert ls.topk_hits(torch.zeros(2, 3), np.array([0, 2]), ks=(5,)).all()
+
+
+# ---------------------------------------------------------------------------------------------------- protocol
+@pytest.mark.parametrize("subsets", [dict(train_rule="drawer<=16", test_rule="drawer>=17"), dict()])
+def test_split_files_nested_and_disjoint(store, tmp_path, subsets):
+    ns = [1, 2, 5, 10]
+    cfg = cfg_for(store, tmp_path, setup="all", **subsets)
+    proto = ls.build_protocol(cfg, store, store, ns)
+    test = set(proto.test_rows.tolist())
+    assert not test & set(proto.train_rows.tolist())
+    base, novel = proto.classes.for_setup("all")
+    assert len(base) == 10 and len(novel) == 10 and not set(base) & set(novel)
+    if subsets:
+        np.testing.assert_array_equal(proto.test_rows, np.flatnonzero(store.meta("drawer") >= 17))
+    labels = store.labels
+    sets = []
+    for sf in proto.splitfiles:
+        prev = set()
+        for n in ns:
+            rows = set(np.concatenate([sf[c][:n] for c in novel]).tolist())
+            assert len(rows) == n * len(novel)
+            assert prev <= rows            # n = 1 within n = 2 within n = 5 ...
+            assert not rows & test         # training examples are never test images
+            prev = rows
+        assert all((labels[sf[c]] == c).all() for c in range(C))
+        sets.append(prev)
+    assert len({frozenset(s) for s in sets}) == 5  # five different experiments
+    # Saved next to the results and reused as they are.
+    assert (tmp_path / "splitfile_5.json").is_file() and (tmp_path / "splitfiles.json").is_file()
+    again = ls.build_protocol(cfg_for(store, tmp_path, setup="all", seed=99, **subsets), store, store, ns)
+    assert all(np.array_equal(a[c], b[c]) for a, b in zip(proto.splitfiles, again.splitfiles) for c in range(C))
+    assert again.notes and "seed 0" in again.notes[0]
+
+
+def test_val_and_test_setups_are_halves(store, tmp_path):
+    proto = ls.build_protocol(cfg_for(store, tmp_path), store, store, [1])
+    cl = proto.classes
+    assert sorted(cl.base_1 + cl.base_2 + cl.novel_1 + cl.novel_2) == list(range(C))
+    assert cl.for_setup("test") == (cl.base_2, cl.novel_2) and cl.for_setup("val") == (cl.base_1, cl.novel_1)
+
+
+def test_infeasible_n_names_the_class_and_largest_n(store, tmp_path):
+    cfg = cfg_for(store, tmp_path, setup="all", train_rule="drawer<=16", test_rule="drawer>=17")
+    with pytest.raises(UserError, match=r"novel class 'char\d\d' has only 16 .* largest feasible n is 16"):
+        ls.build_protocol(cfg, store, store, ls.parse_n("1..20"))
+    assert not (tmp_path / "protocol.json").exists() and not (tmp_path / "splitfile_1.json").exists()
+    ls.build_protocol(cfg, store, store, [1, 16])  # a failed run fixed nothing: the same --out works
+
+
+def test_refusals(store, tmp_path):
+    with pytest.raises(UserError, match="no split 'nope'"):
+        ls.build_protocol(cfg_for(store, tmp_path / "a", train_split="nope"), store, store, [1])
+    with pytest.raises(UserError, match="share"):
+        ls.build_protocol(cfg_for(store, tmp_path / "b", train_rule="drawer<=10", test_rule="drawer>=10"),
+                          store, store, [1])
+    # label_idx.json for another class list
+    bad = tmp_path / "label_idx.json"
+    bad.write_text(json.dumps({"label_names": [f"x{i}" for i in range(1000)], "base_classes_1": [0],
+                               "base_classes_2": [1], "novel_classes_1": [2], "novel_classes_2": [3]}))
+    with pytest.raises(UserError, match="1000 label_names but store .* has 20 classes"):
+        ls.build_protocol(cfg_for(store, tmp_path / "c", label_idx=str(bad)), store, store, [1])
+    # a foreign split file whose rows do not carry the class of their row
+    sdir = tmp_path / "splits"
+    sdir.mkdir()
+    rows = [[int(r) for r in np.flatnonzero(store.labels == (c + 1) % C)[:5]] for c in range(C)]
+    for e in (1, 2):
+        (sdir / f"splitfile_{e}.json").write_text(json.dumps(rows))
+    with pytest.raises(UserError, match="whose label is .* do not match"):
+        ls.build_protocol(cfg_for(store, tmp_path / "d", splitfile_dir=str(sdir), experiments=2), store, store, [1])
+    with pytest.raises(UserError, match="unknown head 'nope' for bench lowshot; known: .*logreg"):
+        ls.resolve_method("nope")
+    # options changed in an --out that already holds a protocol
+    ls.build_protocol(cfg_for(store, tmp_path / "e"), store, store, [1])
+    with pytest.raises(UserError, match="other training / test subsets"):
+        ls.build_protocol(cfg_for(store, tmp_path / "e", test_fraction=0.3), store, store, [1])
+
+
+def test_padding_rows_are_refused(tmp_path):
+    padded = make_store(tmp_path / "padded.zarr", pad=3)
+    assert ls.trailing_zero_rows(padded) == 3
+    with pytest.raises(UserError, match="ends with 3 all-zero feature row"):
+        ls.check_store(padded, "store")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "bench.lowshot", "--store", str(padded.path), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench lowshot: error:") and "featstore import" in lines[0]
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_checkpoint_classes_are_base_and_never_novel(tmp_path):
+    names = [f"char{c:02d}" for c in range(C)]
+    seen = make_store(tmp_path / "seen.zarr", provenance={"checkpoint_classes": names[:8]})
+    proto = ls.build_protocol(cfg_for(seen, tmp_path / "a"), seen, seen, [1])
+    assert proto.classes.all_base == list(range(8))
+    s2 = make_store(tmp_path / "s2.zarr", provenance={"checkpoint_classes": names[:8]},
+                    splits={"novelset": np.flatnonzero(np.repeat(np.arange(C), DRAWERS) >= 5)})
+    with pytest.raises(UserError, match="trained on 3 of the novel classes"):
+        ls.build_protocol(cfg_for(s2, tmp_path / "b", novel_classes="novelset"), s2, s2, [1])
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def test_original_label_idx_and_split_files_verbatim(store, tmp_path):
+    """ImageNet-style assets: label_idx.json with the four class lists and C x 20 split files (row c = 20 rows of
+    class c) are read as they are; the training set for n is the first n columns."""
+    idx = {"label_names": store.classes, "base_classes_1": [0, 1, 2], "base_classes_2": [3, 4, 5, 6],
+           "novel_classes_1": [7, 8, 9], "novel_classes_2": [10, 11, 12, 13, 14]}
+    (tmp_path / "label_idx.json").write_text(json.dumps(idx))
+    sdir = tmp_path / "exp"
+    sdir.mkdir()
+    rng = np.random.default_rng(5)
+    drawer = store.meta("drawer")
+    train = drawer <= 16
+    files = []
+    for e in (1, 2):
+        rows = [[int(r) for r in rng.permutation(np.flatnonzero((store.labels == c) & train))] for c in range(C)]
+        (sdir / f"splitfile_{e}.json").write_text(json.dumps(rows))
+        files.append(rows)
+    cfg = cfg_for(store, tmp_path / "out", label_idx=str(tmp_path / "label_idx.json"), splitfile_dir=str(sdir),
+                  experiments=2, n="1,3", train_rule="drawer<=16", test_rule="drawer>=17")
+    metrics = ls.run_lowshot(cfg)
+    p = metrics["protocol"]
+    assert p["classes"]["setup_base"] == [3, 4, 5, 6] and p["classes"]["setup_novel"] == [10, 11, 12, 13, 14]
+    assert p["splitfiles"]["kind"] == "external (verbatim)" and not (sdir / "splitfiles.json").exists()
+    runs = {(r["experiment"], r["n"]): r for r in metrics["runs"]}
+    assert runs[(2, 3)]["novel_train_images"] == 15
+    assert len(runs) == 4
+    # the files were not rewritten
+    assert json.loads((sdir / "splitfile_1.json").read_text()) == files[0]
+
+
+class NearestMeanMethod(LowShotMethod):
+    """A minimal plug-in (what heads/analogy.py and heads/matching.py provide): class means of the base pool and
+    of the n novel examples; scores = negative squared distance."""
+
+    def __init__(self, **unused):
+        self.calls = []
+
+    def prepare(self, store_features, labels, base_classes, seed):
+        assert set(torch.unique(labels).tolist()) <= set(base_classes)   # never a novel row
+        self.calls.append("prepare")
+
+    def scores(self, train_feats, train_labels, test_feats, n, experiment):
+        assert set(torch.unique(train_labels).tolist()) == set(self.novel_classes)
+        assert len(train_labels) == n * len(self.novel_classes)
+        means = torch.zeros(self.num_classes, train_feats.shape[1])
+        for c in self.base_classes:
+            means[c] = self.base_feats[self.base_labels == c].mean(0)
+        for c in self.novel_classes:
+            means[c] = train_feats[train_labels == c].mean(0)
+        return -torch.cdist(test_feats, means) ** 2
+
+
+def test_end_to_end_command(store, tmp_path):
+    """`python -m bench.lowshot` writes results.json, the markdown table and the PNG; "all" is the image-weighted
+    mean of base and novel."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "bench.lowshot", "--store", str(store.path), "--n", "1,2,5", "--head", "logreg",
+           "--experiments", "3", "--setup", "all", "--train-rule", "drawer<=16", "--test-rule", "drawer>=17",
+           "--iterations", "150", "--batch-size", "100", "--lr", "0.5", "--wd", "0.001", "--out", str(out),
+           "--threads", "1", "--seed", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "| logreg |" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["bench"] == "lowshot" and res["store"]["fingerprint_hash"] == store.fingerprint_hash
+    m = res["metrics"]
+    assert len(m["runs"]) == 9
+    base, novel = m["protocol"]["classes"]["setup_base"], m["protocol"]["classes"]["setup_novel"]
+    nb, nn = m["protocol"]["n_test_base"], m["protocol"]["n_test_novel"]
+    assert nb == len(base) * 4 and nn == len(novel) * 4
+    for r in m["runs"]:
+        for k in (1, 5):
+            assert r[f"all_top{k}"] == pytest.approx((nb * r[f"base_top{k}"] + nn * r[f"novel_top{k}"]) / (nb + nn))
+    s = m["summary"]["logreg"]
+    assert set(s) == {"n=1", "n=2", "n=5", "mean"}
+    assert s["n=5"]["novel_top5"]["mean"] >= s["n=1"]["novel_top5"]["mean"] - 5
+    assert s["n=5"]["novel_top1"]["mean"] > 50  # the clusters are easy: the classifier learns
+    assert len(s["n=1"]["novel_top5"]["values"]) == 3 and s["n=1"]["novel_top5"]["ci95"] >= 0
+    md = (out / "lowshot.md").read_text()
+    assert md.index("Novel n=1") < md.index("All n=1") and "## Novel top-1" in md and "± " in md
+    assert (out / "lowshot_novel_top5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Same --out, a plug-in head beside logreg, in-process: the split files are reused.
+    register_method("nearest-mean")(NearestMeanMethod)
+    try:
+        cfg = cfg_for(store, out, heads=("logreg", "nearest-mean"), n="1,2,5", experiments=3, setup="all",
+                      train_rule="drawer<=16", test_rule="drawer>=17", seed=3, lr=0.5, wd=0.001)
+        m2 = ls.run_lowshot(cfg)
+    finally:
+        ls.METHODS.pop("nearest-mean", None)
+    assert set(m2["summary"]) == {"logreg", "nearest-mean"}
+    assert m2["protocol"]["splitfiles"]["generated_now"] == []
+    assert m2["summary"]["nearest-mean"]["n=5"]["novel_top1"]["mean"] > 50
+    assert "| nearest-mean |" in (out / "lowshot.md").read_text()
+
+
+def test_topk_hits_agree_with_bench_metrics():
+    metrics = pytest.importorskip("bench.metrics")
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(200, 12, generator=g), torch.randint(0, 12, (200,), generator=g)
+    hits = ls.topk_hits(logits, labels.numpy(), ks=(1, 5))
+    ref = metrics.topk_accuracy(logits, labels, ks=(1, 5))
+    assert hits[0].mean() == pytest.approx(ref[1]) and hits[1].mean() == pytest.approx(ref[5])
+
+
+def test_analogy_and_matching_heads_plug_in(store, tmp_path):
+    """The generation ("analogy", logreg on real + hallucinated rows) and matching-network heads run through the
+    protocol (tiny settings), cache what prepare trained, and reuse it."""
+    pytest.importorskip("heads.analogy")
+    pytest.importorskip("heads.matching")
+    opts = ("generator_iterations=30", "clusters_per_class=3", "classifier_iterations=30", "max_per_label=5",
+            "episodes=10", "per_class=8")
+    cfg = cfg_for(store, tmp_path, heads=("analogy", "mn"), n="1,2", experiments=2, setup="all",
+                  train_rule="drawer<=16", test_rule="drawer>=17", head_options=opts)
+    m = ls.run_lowshot(cfg)
+    assert set(m["summary"]) == {"analogy", "matching"}
+    assert m["methods"]["analogy"]["hparams"]["max_per_label"] == 5
+    caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(caches) == 2 and caches[0].startswith("analogy-generator-")
+    m2 = ls.run_lowshot(cfg)
+    assert m2["methods"]["analogy"]["hparams"]["generator"]["cache"].endswith(".npz")
+    assert m2["summary"]["matching"]["n=1"]["novel_top5"]["values"] == \
+        m["summary"]["matching"]["n=1"]["novel_top5"]["values"]
+    with pytest.raises(UserError, match="--head-option bogus"):
+        ls.run_lowshot(cfg_for(store, tmp_path, heads=("logreg",), head_options=("bogus=1",)))

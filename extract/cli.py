@@ -75,6 +75,14 @@ def list_cmd():
     click.echo("data sources: " + ", ".join(list_sources()))
 
 
+def _add_train_command() -> None:
+    from extract.train import train_command
+
+    cli.add_command(train_command)
+
+
+_add_train_command()
+
 main = main_entry(cli, "extract")
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 @cli.command()
-@click.option("--sections", default="store,knn,extract,lowshot,fsor", show_default=True,
+@click.option("--sections", default="store,knn,extract,train,lowshot,fsor,fsor-meta", show_default=True,
               help="Comma-separated sections to run.")
 @click.option("--rows", type=int, default=None,
               help="Rows: store section 200,000, knn base 100,000 by default (20,000 with --quick).")
@@ -50,8 +50,10 @@ def perf(sections, rows, dim, queries, store, workdir, compression, seed, quick,
     store      full scan and random gather of a store against a numpy memmap of the same bytes
     knn        FAISS flat / IVF / HNSW against the bare matrix product and scikit-learn brute force
     extract    `extract` throughput against the backbone's bare forward pass
+    train      `extract train` throughput against a bare forward+backward+step loop
     lowshot    25 logreg runs in one process against one process per run re-reading HDF5
     fsor       3000 ProtoNet episodes vectorised against a per-episode loop
+    fsor-meta  a TANE / DNPG meta-training epoch on cached features against one through the backbone
     """
     from bench.perf import PerfArgs, run_perf
 

@@ -535,6 +535,8 @@ def load_sections() -> dict[str, Callable[[PerfArgs], list[dict]]]:
     """Register the sections that live beside their subjects (imported here, late, to keep ``bench perf --help``
     fast and the imports acyclic) and return the registry."""
     import bench.perf_extract  # noqa: F401  (registers "extract")
+    import bench.perf_fsor_meta  # noqa: F401  (registers "fsor-meta")
+    import bench.perf_train  # noqa: F401  (registers "train")
     from bench.fsor import perf_fsor_section
     from bench.lowshot import perf_lowshot_section
 

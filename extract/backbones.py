@@ -98,7 +98,8 @@ class Backbone(nn.Module):
       crop, or None}``. "tflite" means ``(x - 127) / 128`` on 0..255 pixel values.
     - ``has_pretrained``: whether ``create_backbone(name, pretrained=True)`` can load weights for it.
 
-    Set by :func:`create_backbone`: ``name``, ``small_input``, ``pretrained``. Pretrained models also carry
+    Set by :func:`create_backbone`: ``name``, ``small_input``, ``pretrained``, ``model_options`` (the factory
+    keywords it was built with, saved in checkpoints so that extraction rebuilds the same network). Pretrained models also carry
     ``pretrained_classifier`` (a dict of CPU tensors of the original classifier head, not part of the state dict)
     and ``weights_provenance`` (where the weights came from, with their SHA-256).
     """
@@ -115,6 +116,7 @@ class Backbone(nn.Module):
         self.pretrained = False
         self.pretrained_classifier: dict[str, torch.Tensor] | None = None
         self.weights_provenance: dict[str, Any] | None = None
+        self.model_options: dict[str, Any] = {}
 
     def stages(self) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of each stage, in order from the input."""
@@ -201,6 +203,7 @@ def create_backbone(name: str, *, small_input: bool = False, pretrained: bool = 
         kwargs["pretrained"] = pretrained
     model = factory(small_input=small_input, **kwargs)
     model.name = name
+    model.model_options = {k: v for k, v in kwargs.items() if k != "pretrained"}
     model.small_input = bool(small_input)
     model.pretrained = bool(pretrained)
     return model
@@ -222,10 +225,11 @@ def _kaiming_fan_out(module: nn.Module, nonlinearity: str = "relu") -> None:
             nn.init.zeros_(m.bias)
 
 
-def _small_resnet_stem(out_channels: int = 64) -> nn.Sequential:
-    """3x3 conv stride 1 -> BN -> ReLU, no max-pool: keeps a 32-px image at 32 px into stage 1."""
+def _small_resnet_stem(out_channels: int = 64, stride: int = 1) -> nn.Sequential:
+    """3x3 conv -> BN -> ReLU, no max-pool: keeps a 32-px image at 32 px into stage 1 (``stride`` 2: 16 px, a
+    quarter of the compute of every later stage)."""
     stem = nn.Sequential(
-        nn.Conv2d(3, out_channels, kernel_size=3, stride=1, padding=1, bias=False),
+        nn.Conv2d(3, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
@@ -242,14 +246,19 @@ class TorchvisionResNet(Backbone):
     """A torchvision ResNet as a trunk: stages ``stem, layer1..layer4``, fc and average pool removed.
 
     ``stem`` is conv1-bn1-relu-maxpool (7x7 stride 2 + 3x3 max-pool: 224 px -> 56 px), or with ``small_input``
-    3x3 conv stride 1 - BN - ReLU (32 px -> 32 px). Output map ``[B, 512 * expansion, H/32, W/32]``
-    (``H/8`` with ``small_input``). torchvision checkpoints (``conv1.``, ``bn1.`` at the top) load as they are.
+    3x3 conv stride ``stem_stride`` - BN - ReLU (32 px -> 32 px at stride 1, 16 px at 2). Output map
+    ``[B, 512 * expansion, H/32, W/32]`` (``H/8`` with ``small_input``, ``H/16`` with ``stem_stride=2``).
+    torchvision checkpoints (``conv1.``, ``bn1.`` at the top) load as they are.
     """
 
-    def __init__(self, resnet: nn.Module, *, small_input: bool) -> None:
+    def __init__(self, resnet: nn.Module, *, small_input: bool, stem_stride: int = 1) -> None:
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise UserError(f"stem_stride must be 1 or 2, not {stem_stride}")
+        if stem_stride != 1 and not small_input:
+            raise UserError("stem_stride applies to the small-input stem only (28-32 px images)")
         if small_input:
-            self.stem = _small_resnet_stem(resnet.conv1.out_channels)
+            self.stem = _small_resnet_stem(resnet.conv1.out_channels, stem_stride)
         else:
             self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
         self.layer1 = resnet.layer1
@@ -274,14 +283,14 @@ class TorchvisionResNet(Backbone):
         return renamed
 
 
-def _torchvision_resnet(block: type, layers: list[int], small_input: bool) -> TorchvisionResNet:
+def _torchvision_resnet(block: type, layers: list[int], small_input: bool, stem_stride: int = 1) -> TorchvisionResNet:
     from torchvision.models.resnet import ResNet
 
-    return TorchvisionResNet(ResNet(block, layers), small_input=small_input)
+    return TorchvisionResNet(ResNet(block, layers), small_input=small_input, stem_stride=int(stem_stride))
 
 
 @register_backbone("resnet10")
-def resnet10(*, small_input: bool = False) -> Backbone:
+def resnet10(*, small_input: bool = False, stem_stride: int = 1) -> Backbone:
     """ResNet-10 of the low-shot benchmark (Hariharan & Girshick 2017; lowshot.md section 3), 512-d.
 
     7x7/2 stem conv + 3x3/2 max-pool, then one basic block per stage (64-128-256-512), stages 2-4 with a 1x1
@@ -291,31 +300,31 @@ def resnet10(*, small_input: bool = False) -> Backbone:
     """
     from torchvision.models.resnet import BasicBlock
 
-    return _torchvision_resnet(BasicBlock, [1, 1, 1, 1], small_input)
+    return _torchvision_resnet(BasicBlock, [1, 1, 1, 1], small_input, stem_stride)
 
 
 @register_backbone("resnet18")
-def resnet18(*, small_input: bool = False) -> Backbone:
+def resnet18(*, small_input: bool = False, stem_stride: int = 1) -> Backbone:
     """torchvision ResNet-18 (He et al. 2016), random init; 224 px -> ``[B, 512, 7, 7]`` -> ``[B, 512]``."""
     from torchvision.models.resnet import BasicBlock
 
-    return _torchvision_resnet(BasicBlock, [2, 2, 2, 2], small_input)
+    return _torchvision_resnet(BasicBlock, [2, 2, 2, 2], small_input, stem_stride)
 
 
 @register_backbone("resnet34")
-def resnet34(*, small_input: bool = False) -> Backbone:
+def resnet34(*, small_input: bool = False, stem_stride: int = 1) -> Backbone:
     """torchvision ResNet-34 (He et al. 2016), random init; 224 px -> ``[B, 512, 7, 7]`` -> ``[B, 512]``."""
     from torchvision.models.resnet import BasicBlock
 
-    return _torchvision_resnet(BasicBlock, [3, 4, 6, 3], small_input)
+    return _torchvision_resnet(BasicBlock, [3, 4, 6, 3], small_input, stem_stride)
 
 
 @register_backbone("resnet50")
-def resnet50(*, small_input: bool = False) -> Backbone:
+def resnet50(*, small_input: bool = False, stem_stride: int = 1) -> Backbone:
     """torchvision ResNet-50 (He et al. 2016), random init; 224 px -> ``[B, 2048, 7, 7]`` -> ``[B, 2048]``."""
     from torchvision.models.resnet import Bottleneck
 
-    return _torchvision_resnet(Bottleneck, [3, 4, 6, 3], small_input)
+    return _torchvision_resnet(Bottleneck, [3, 4, 6, 3], small_input, stem_stride)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -723,7 +732,8 @@ def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str
     return digest.hexdigest()
 
 
-_RESERVED_KEYS = ("format", "version", "model", "small_input", "state_dict", "classifier", "classes", "provenance")
+_RESERVED_KEYS = ("format", "version", "model", "small_input", "model_options", "state_dict", "classifier", "classes",
+                  "provenance")
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -767,9 +777,9 @@ def save_checkpoint(
 ) -> None:
     """Write ``model`` (and optionally its classifier, class names, provenance) to ``path`` atomically.
 
-    The file is a dict ``{"format": "featstore-checkpoint", "version": 1, "model", "small_input", "state_dict",
-    "classifier", "classes", "provenance", **extra}`` of tensors, lists, dicts, str and numbers only, so it loads
-    with ``torch.load(weights_only=True)``. Tensors are saved on the CPU. A crash never leaves a half-written
+    The file is a dict ``{"format": "featstore-checkpoint", "version": 1, "model", "small_input", "model_options",
+    "state_dict", "classifier", "classes", "provenance", **extra}`` of tensors, lists, dicts, str and numbers only,
+    so it loads with ``torch.load(weights_only=True)``. Tensors are saved on the CPU. A crash never leaves a half-written
     file at ``path``: the data go to a temporary file in the same folder, which then replaces ``path``.
     """
     path = Path(path)
@@ -784,6 +794,7 @@ def save_checkpoint(
         "version": CHECKPOINT_VERSION,
         "model": model.name,
         "small_input": bool(getattr(model, "small_input", False)),
+        "model_options": dict(getattr(model, "model_options", {}) or {}),
         "state_dict": _cpu(dict(model.state_dict())),
         "classifier": _cpu(classifier),
         "classes": list(classes) if classes is not None else None,

@@ -131,6 +131,7 @@ def prepare_model(cfg: ExtractConfig, source: ds.Source) -> tuple[bb.Backbone, d
         raise UserError(f"unknown model {cfg.model!r}; known: {', '.join(bb.list_backbones())}")
     small_input = cfg.small_input
     ckpt_info: dict = {}
+    options: dict = {}
     if cfg.checkpoint:
         peek = _peek_checkpoint(cfg.checkpoint)
         if peek.get("format") == "featstore-checkpoint":
@@ -138,13 +139,17 @@ def prepare_model(cfg: ExtractConfig, source: ds.Source) -> tuple[bb.Backbone, d
                 raise UserError(f"checkpoint {cfg.checkpoint} is for model {peek.get('model')!r}, not {cfg.model!r}")
             if small_input is None:
                 small_input = bool(peek.get("small_input", False))
+            # options that change the computation but not the weights' shapes (a stem stride) must come back
+            options = dict(peek.get("model_options") or {})
     if small_input is None:
         small_input = _wants_small_input(cfg.model, cfg.image_size or source.native_size)
     torch.manual_seed(cfg.seed)  # random init, where asked for, is a function of the seed
     if cfg.checkpoint:
-        model = bb.create_backbone(cfg.model, small_input=small_input)
+        model = bb.create_backbone(cfg.model, small_input=small_input, **options)
         ckpt_info = bb.load_checkpoint(model, cfg.checkpoint)
         weights = {"kind": "checkpoint", "sha256": ckpt_info["sha256"]}
+        if options:
+            weights["model_options"] = options
     else:
         probe = bb.create_backbone(cfg.model, small_input=small_input)
         if probe.has_pretrained and not cfg.random_init:

@@ -171,6 +171,27 @@ def test_small_input_stem_keeps_resolution():
     assert model.input_spec["size"] == 32
 
 
+def test_stem_stride_two_halves_the_map_and_travels_with_the_checkpoint(tmp_path):
+    from extract.datasets import open_source
+    from extract.run import ExtractConfig, prepare_model
+
+    model = create_backbone("resnet10", small_input=True, stem_stride=2).eval()
+    assert model.forward_features(torch.zeros(1, 3, 28, 28)).shape[-1] == 2  # 28 -> 14 -> 7 -> 4 -> 2
+    assert create_backbone("resnet10", small_input=True).forward_features(torch.zeros(1, 3, 28, 28)).shape[-1] == 4
+    with pytest.raises(UserError, match="small-input stem"):
+        create_backbone("resnet10", stem_stride=2)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model)
+    # the stride does not change any weight's shape: without the recorded option the weights would load into a
+    # stride-1 network and silently compute other features
+    rebuilt, weights, _ = prepare_model(ExtractConfig(model="resnet10", out=str(tmp_path / "s.zarr"),
+                                                      checkpoint=str(path)), open_source("digits"))
+    assert weights["model_options"] == {"stem_stride": 2}
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), model(x))
+
+
 def test_resnet12_dropblock_only_in_training():
     torch.manual_seed(0)
     model = create_backbone("resnet12", small_input=True)

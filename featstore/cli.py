@@ -1,4 +1,4 @@
-"""The ``featstore`` command: info, verify, index, search, export, import."""
+"""The ``featstore`` command: info, verify, index, search, split, export, import."""
 
 from __future__ import annotations
 
@@ -283,6 +283,48 @@ def import_(ctx: click.Context, h5: str, out: str, classes_file: str | None, dty
     st = import_hdf5(h5, out, classes=classes, chunk_rows=chunk_rows, dtype=dtype, compression=compression,
                      progress=_progress_enabled(ctx, quiet))
     click.echo(f"imported {st.n} rows x {st.dim} ({len(st.classes)} classes) into {st.path}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.argument("name")
+@click.option("--of", "within", multiple=True, help="Only rows of this split (repeatable: rows in all of them).")
+@click.option("--rule", default=None, help='Per-sample meta rule, e.g. "drawer<=16" or "drawer>=3 & alphabet!=2".')
+@click.option("--exclude", multiple=True, help="Leave out the rows of this split (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing split of that name.")
+def split(store: str, name: str, within: tuple[str, ...], rule: str | None, exclude: tuple[str, ...],
+          overwrite: bool) -> None:
+    """Save a named subset of rows: the rows of every --of split that satisfy --rule, minus --exclude.
+
+    \b
+    featstore split omniglot.zarr train --of background --rule "drawer<=16"
+    featstore split omniglot.zarr val   --of background --rule "drawer>=17"
+    """
+    from featstore.rules import rule_mask
+
+    st = FeatureStore.open(store)
+    try:
+        mask = np.ones(st.n, dtype=bool)
+        for other in (*within, *exclude):
+            if other not in st.split_names:
+                raise UserError(f"store {st.path} has no split {other!r} (it has: "
+                                f"{', '.join(st.split_names) or 'none'})")
+        for other in within:
+            keep = np.zeros(st.n, dtype=bool)
+            keep[st.split(other)] = True
+            mask &= keep
+        if rule:
+            mask &= rule_mask(st, rule, "--rule")
+        for other in exclude:
+            mask[st.split(other)] = False
+        rows = np.flatnonzero(mask)
+        if len(rows) == 0:
+            raise UserError(f"split {name!r} would be empty: no row of {st.path} passes the selection")
+        st.add_split(name, rows, overwrite=overwrite)
+        n_classes = len(np.unique(st.labels[rows]))
+    finally:
+        st.close()
+    click.echo(f"split {name!r}: {len(rows)} rows of {n_classes} classes")
 
 
 main = main_entry(cli, "featstore")

@@ -125,6 +125,30 @@ def test_index_on_a_split(store):
     assert len(rows) == 10 and all(r % 2 == 0 for r in rows)
 
 
+def test_split_from_splits_rule_and_exclusion(tmp_path):
+    path = tmp_path / "meta.zarr"
+    labels = np.arange(40) % 4
+    drawer = np.arange(40) // 4 + 1  # 1..10
+    st = FeatureStore.create(path, Layout(n=40, dim=4, dtype="float32", chunk_rows=16), fingerprint={"m": 1},
+                             classes=CLASSES, labels=labels, splits={"even": np.arange(0, 40, 2),
+                                                                     "first": np.arange(10)},
+                             meta={"drawer": drawer})
+    st.close()
+    res = run("split", path, "train", "--of", "even", "--rule", "drawer<=6", "--exclude", "first")
+    assert res.returncode == 0, res.stderr
+    expected = [r for r in range(40) if r % 2 == 0 and drawer[r] <= 6 and r >= 10]
+    np.testing.assert_array_equal(FeatureStore.open(path).split("train"), expected)
+    assert f"{len(expected)} rows of 2 classes" in res.stdout
+    before = tree_hash(path)
+    for args in (["train", "--rule", "drawer>=7"],  # exists already and no --overwrite
+                 ["x", "--of", "nope"], ["x", "--rule", "drawer>99"], ["x", "--rule", "size<3"]):
+        res = run("split", path, *args)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, (args, res.stderr)
+    assert tree_hash(path) == before
+    assert run("split", path, "train", "--rule", "drawer>=7", "--overwrite").returncode == 0
+    np.testing.assert_array_equal(FeatureStore.open(path).split("train"), np.flatnonzero(drawer >= 7))
+
+
 def test_export_import_round_trip(store, tmp_path):
     path, x, labels = store
     out = tmp_path / "feats.h5"

@@ -64,9 +64,11 @@ def perf(sections, rows, dim, queries, store, workdir, compression, seed, quick,
 
 def _add_protocol_commands() -> None:
     from bench.fsor import fsor_command
+    from bench.fsor_finetune import fsor_finetune_command
     from bench.lowshot import lowshot_command
 
     cli.add_command(fsor_command)
+    cli.add_command(fsor_finetune_command)
     cli.add_command(lowshot_command)
 
 

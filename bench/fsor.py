@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import click
 import numpy as np
@@ -318,16 +318,22 @@ def run_fsor(store_path: str | os.PathLike, *, split: str = "test", ways: int = 
              seed: int = 0, batch: int = 500, device: str = "cpu", out: str | os.PathLike | None = None,
              views_per_support: int | None = None, threshold: str = "auto", train_split: str = "train",
              val_split: str = "val", quiet: bool = False, chunk: int | None = None,
-             echo: Callable[[str], None] | None = None) -> dict:
+             echo: Callable[[str], None] | None = None, ready_heads: Mapping[str, Any] | None = None) -> dict:
     """Run the FSOR protocol for every head and shot setting; return the metrics (and write them under ``out``).
 
     Returns ``{"heads": {spec: {"<K>-shot": {metric: {"mean", "ci95"}, "decision": ..., "threshold": ...}}},
     "unit": "percent", ...}``. See the module docstring for the protocol, the metrics and the F1 decision rule.
+
+    ``ready_heads``: ``{label: head}`` of heads trained elsewhere (a head fine-tuned together with the backbone of
+    this store and loaded from that checkpoint), on ``device``. They run beside ``heads`` under their label, as
+    they are: never built from a spec and never meta-trained here (the store's train split is not used for them).
     """
     from featstore.store import FeatureStore
 
     shots = tuple(int(k) for k in shots)
-    heads = tuple(heads)
+    ready = dict(ready_heads or {})
+    specs = tuple(heads)  # built from their spec (and meta-trained where they need it)
+    heads = specs + tuple(ready)  # every head, by label
     for what, value in (("--ways", ways), ("--queries", queries), ("--episodes", episodes), ("--batch", batch)):
         if value < 1:
             raise UserError(f"{what} must be at least 1, not {value}")
@@ -346,7 +352,7 @@ def run_fsor(store_path: str | os.PathLike, *, split: str = "test", ways: int = 
     registry = load_head_modules()
     if len(set(heads)) != len(heads):
         raise UserError("the same --head is given twice")
-    for spec in heads:  # fail early (before reading the store) on an unknown head
+    for spec in specs:  # fail early (before reading the store) on an unknown head
         if parse_head_spec(spec)[0] not in registry:
             make_head(spec, dev, registry)
 
@@ -355,7 +361,7 @@ def run_fsor(store_path: str | os.PathLike, *, split: str = "test", ways: int = 
     head_defaults: dict[str, Any] = {"feat_dim": store.dim}
     if train_split in store.split_names:
         head_defaults["n_base_classes"] = len(np.unique(store.labels[store.split(train_split)]))
-    for spec in heads:  # and on a bad hyper-parameter
+    for spec in specs:  # and on a bad hyper-parameter
         make_head(spec, dev, registry, head_defaults)
     n_views = store.layout.views
     vps = (min(5, n_views) if n_views else 0) if views_per_support is None else int(views_per_support)
@@ -385,6 +391,9 @@ def run_fsor(store_path: str | os.PathLike, *, split: str = "test", ways: int = 
             sampler = samplers[k]
             head_objs, rules, taus = {}, {}, {}
             for spec in heads:
+                if spec in ready:  # trained elsewhere: evaluated as it is
+                    head_objs[spec] = ready[spec]
+                    continue
                 head = make_head(spec, dev, registry, head_defaults)
                 if getattr(head, "needs_meta_training", False):
                     meta_train_head(head, store=store, features=data.features, labels=labels,
@@ -444,6 +453,8 @@ def run_fsor(store_path: str | os.PathLike, *, split: str = "test", ways: int = 
               "device": str(dev), "chunk": min(chunk, batch), "views_per_support": vps, "store_views": n_views,
               "threshold": threshold,
               "train_split": train_split, "val_split": val_split}
+    if ready:
+        config["ready_heads"] = list(ready)
     metrics = {"unit": "percent", "heads": results, "metric_names": METRIC_NAMES,
                "f1_note": "f1_macro is the standard macro-F1 over all N+1 labels; f1_paper is the TANE/DNPG code's "
                           "F1, averaged only over labels that occur in the predictions",

@@ -63,6 +63,7 @@ from extract import backbones as bb
 from extract import datasets as ds
 from extract.losses import AUX_KINDS, AuxLoss, rotate_batch
 from featstore.errors import UserError
+from featstore.rules import select_mask
 
 __all__ = [
     "TrainConfig",
@@ -281,8 +282,6 @@ def _no_repeats(indices: list[int], source: Any, where: str) -> None:
         seen.add(c)
 
 
-_RULE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(>=|<=|==|!=|=|>|<)\s*(-?\d+(?:\.\d+)?)\s*$")
-_SPLIT_RULE = re.compile(r"^\s*split\s*[=:]\s*(\S+)\s*$")
 
 
 def holdout(labels: np.ndarray, val: str, *, seed: int = 0, meta: Mapping[str, np.ndarray] | None = None,
@@ -316,22 +315,10 @@ def holdout(labels: np.ndarray, val: str, *, seed: int = 0, meta: Mapping[str, n
             k = min(int(round(fraction * len(members))), len(members) - 1)
             if k > 0:
                 mask[rng.permutation(members)[:k]] = True
-    elif (m := _SPLIT_RULE.match(text)) is not None:
-        name = m.group(1)
-        if not splits or name not in splits:
-            raise UserError(f"--val {text!r}: no split {name!r} (splits: {', '.join(splits or {}) or 'none'})")
-        mask[np.asarray(splits[name], dtype=np.int64)] = True
-    elif (m := _RULE.match(text)) is not None:
-        key, op, value = m.group(1), m.group(2), float(m.group(3))
-        if not meta or key not in meta:
-            raise UserError(f"--val {text!r}: the data source has no per-sample field {key!r} "
-                            f"(fields: {', '.join(meta or {}) or 'none'}); use a fraction such as 0.1")
-        column = np.asarray(meta[key], dtype=np.float64)
-        ops = {">=": np.greater_equal, "<=": np.less_equal, ">": np.greater, "<": np.less,
-               "==": np.equal, "=": np.equal, "!=": np.not_equal}
-        mask = ops[op](column, value)
     else:
-        raise UserError(f"--val {text!r} is neither a fraction (0.1), a rule (drawer>=17), split=NAME nor none")
+        if not any(op in text for op in "<>=!"):  # a word such as "sometimes": not a rule at all
+            raise UserError(f"--val {text!r} is neither a fraction (0.1), a rule (drawer>=17), split=NAME nor none")
+        mask = select_mask(text, n, dict(meta or {}), splits, option="--val", where="the data source")
     if not mask.any():
         raise UserError(f"the validation part (--val {text}) is empty; hold out more (a larger fraction or another "
                         "rule), or pass --val none")

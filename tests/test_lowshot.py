@@ -81,9 +81,9 @@ def test_rule_mask(store):
     drawer = store.meta("drawer")
     np.testing.assert_array_equal(ls.rule_mask(store, "drawer<=16"), drawer <= 16)
     np.testing.assert_array_equal(ls.rule_mask(store, "drawer >= 3 & drawer!=5"), (drawer >= 3) & (drawer != 5))
-    with pytest.raises(UserError, match="no per-sample meta 'alphabet'"):
+    with pytest.raises(UserError, match="no per-sample field 'alphabet'"):
         ls.rule_mask(store, "alphabet<3")
-    with pytest.raises(UserError, match="META OP VALUE"):
+    with pytest.raises(UserError, match="FIELD OP VALUE"):
         ls.rule_mask(store, "drawer~3")
 
 

@@ -38,8 +38,9 @@ test episode, ::
 with ``features`` the store's ``[n, D]`` float32 tensor on the device, ``labels`` the store's ``[n]`` int64 numpy
 labels, ``train_rows`` / ``val_rows`` the rows of ``train_split`` / ``val_split`` (None when the store has no
 such split; model selection belongs on the validation split, never on test), ``base_weights`` the ``[C_base, D]``
-mean feature of each train class (rows in the order of ``optional["base_classes"]``; a head may replace them with
-its own), and ``optional`` those of ``store, base_classes, ways, shots, queries, open_ways, device, quiet,
+rows of the backbone's classifier for the train classes, read from the store's checkpoint (matched by class name),
+or, where that checkpoint is not at hand, the mean feature of each train class (rows in the order of
+``optional["base_classes"]``; a head may replace them with its own), and ``optional`` those of ``store, base_classes, ways, shots, queries, open_ways, device, quiet,
 support_views`` (the store's ``[V, n, D]`` views, loaded only when asked for and present) that the method's
 signature accepts (all of them if it takes ``**kwargs``). Test episodes then call
 ``fit(support [E, N*K, D], support_labels [E, N*K])``, ``logits_with_negative(queries)`` where the head has it
@@ -156,10 +157,12 @@ def meta_train_head(head, *, store, features: torch.Tensor, labels: np.ndarray, 
     train_rows = store.split(train_split)
     val_rows = store.split(val_split) if val_split in store.split_names else None
     base_classes, inverse = np.unique(labels[train_rows], return_inverse=True)
-    idx = torch.from_numpy(train_rows).to(features.device)
-    onehot = torch.zeros(len(base_classes), len(train_rows), dtype=features.dtype, device=features.device)
-    onehot[torch.from_numpy(inverse).to(features.device), torch.arange(len(train_rows), device=features.device)] = 1
-    base_weights = onehot @ features.index_select(0, idx) / onehot.sum(1, keepdim=True)
+    base_weights = checkpoint_base_weights(store, base_classes, features.device)
+    if base_weights is None:  # no usable checkpoint classifier: the class-mean features stand in for its rows
+        idx = torch.from_numpy(train_rows).to(features.device)
+        onehot = torch.zeros(len(base_classes), len(train_rows), dtype=features.dtype, device=features.device)
+        onehot[torch.from_numpy(inverse).to(features.device), torch.arange(len(train_rows), device=features.device)] = 1
+        base_weights = onehot @ features.index_select(0, idx) / onehot.sum(1, keepdim=True)
 
     def views():
         return torch.from_numpy(store.load_views()).to(device) if store.layout.views else None
@@ -168,6 +171,24 @@ def meta_train_head(head, *, store, features: torch.Tensor, labels: np.ndarray, 
                     open_ways=open_ways, device=device, quiet=quiet, support_views=views)
     head.meta_train(features, labels, train_rows, val_rows, base_weights, seed,
                     **_accepted_kwargs(head.meta_train, optional))
+
+
+def checkpoint_base_weights(store, base_classes: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    """``[B, D]`` rows of the backbone's own classifier for the store classes ``base_classes`` (TANE's base memory,
+    fsor.md 5.3), matched by class name; None when the store's checkpoint is gone, changed, has no classifier, or
+    was not trained on every one of these classes."""
+    from bench.lowshot import checkpoint_classifier
+
+    found = checkpoint_classifier(store)
+    if found is None:
+        return None
+    weight, _bias, names, _sha = found
+    row_of = {name: i for i, name in enumerate(names)}
+    try:
+        rows = [row_of[store.classes[int(c)]] for c in base_classes]
+    except KeyError:
+        return None
+    return torch.from_numpy(weight[rows]).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------- one batch

@@ -190,3 +190,24 @@ def test_perf_section_quick(tmp_path):
     assert target["ratio"] > 1 and "agree" in target["note"]
     assert "SYNTHETIC" in args.notes[0]
     assert not any((tmp_path / "work").iterdir())  # the temporary store was removed
+
+
+def test_base_memory_is_the_checkpoint_classifier(tmp_path):
+    """TANE's base memory: the backbone classifier rows of the base classes, matched by name (fsor.md 5.3)."""
+    from bench.fsor import checkpoint_base_weights
+    from extract.backbones import create_backbone, save_checkpoint, sha256_file
+    from featstore.store import FeatureStore, Layout
+
+    backbone = create_backbone("conv4", small_input=True)
+    weight = torch.randn(3, backbone.feature_dim)
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, backbone, classes=["b", "c", "a"], classifier={"weight": weight})
+    labels = np.repeat(np.arange(4), 2)
+    store = FeatureStore.create(tmp_path / "s.zarr", Layout(n=8, dim=backbone.feature_dim, dtype="float32"),
+                                fingerprint={"checkpoint_sha256": sha256_file(ckpt)}, classes=["a", "b", "c", "d"],
+                                labels=labels, provenance={"config": {"checkpoint": str(ckpt)}})
+    got = checkpoint_base_weights(store, np.array([0, 1, 2]), torch.device("cpu"))
+    torch.testing.assert_close(got, weight[[2, 0, 1]])  # store classes a, b, c -> checkpoint rows 2, 0, 1
+    assert checkpoint_base_weights(store, np.array([0, 3]), torch.device("cpu")) is None  # "d" was not trained on
+    ckpt.write_bytes(ckpt.read_bytes() + b"x")  # changed since extraction: never trusted
+    assert checkpoint_base_weights(store, np.array([0, 1]), torch.device("cpu")) is None

@@ -1135,9 +1135,10 @@ def _progress_bar(total: int, desc: str, quiet: bool):
                 file=sys.stderr, dynamic_ncols=True)
 
 
-def method_options(cfg: LowShotConfig, method_cls: type, table: dict) -> dict:
+def method_options(cfg: LowShotConfig, method_cls: type, table: dict, name: str | None = None) -> dict:
     """Constructor options of one head: the command's options, the head's table-7.6 defaults where --lr / --wd
-    (or a --head-option) were not given, then the --head-option values."""
+    (or a --head-option) were not given, then the --head-option values (``KEY=VALUE`` for every head,
+    ``HEAD.KEY=VALUE`` for the head ``name`` only)."""
     opts = dict(momentum=cfg.momentum, dampening=cfg.dampening, iterations=cfg.iterations,
                 batch_size=cfg.batch_size, solver=cfg.solver, share_base_batches=cfg.share_base_batches,
                 precision=cfg.precision, device=cfg.device, max_problems=cfg.max_problems, seed=cfg.seed)
@@ -1147,17 +1148,23 @@ def method_options(cfg: LowShotConfig, method_cls: type, table: dict) -> dict:
         opts["lr"] = cfg.lr
     if cfg.wd is not None:
         opts["wd"] = cfg.wd
-    opts.update(parse_head_options(cfg.head_options))
+    for key, value in parse_head_options(cfg.head_options).items():
+        head, dot, option = key.rpartition(".")
+        if not dot:
+            opts[key] = value
+        elif ALIASES.get(head, head) == name:
+            opts[option] = value
     return opts
 
 
 def parse_head_options(items: Sequence[str]) -> dict:
-    """``["max_per_label=5", "episodes=2000"]`` -> {"max_per_label": 5, "episodes": 2000} (JSON values, else text)."""
+    """``["max_per_label=5", "matching.episodes=2000"]`` -> {"max_per_label": 5, "matching.episodes": 2000} (JSON
+    values, else text)."""
     out = {}
     for item in items or ():
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or not key.isidentifier():
+        if not sep or not all(part.isidentifier() for part in key.split(".", 1)):
             raise UserError(f"--head-option {item!r}: write KEY=VALUE, e.g. max_per_label=5")
         try:
             out[key] = json.loads(raw)
@@ -1189,18 +1196,24 @@ def _validate(cfg: LowShotConfig) -> list[int]:
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"--threads must be at least 1, not {cfg.threads}")
     accepted: set[str] = set()
+    options = parse_head_options(cfg.head_options)
     for name in cfg.heads:
         cls = resolve_method(name)
         try:
             params = inspect.signature(cls).parameters
         except (TypeError, ValueError):
             params = {}
+        own = ALIASES.get(name, name)
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            accepted |= set(parse_head_options(cfg.head_options))
-        accepted |= set(params)
-    unknown = [k for k in parse_head_options(cfg.head_options) if k not in accepted]
+            accepted |= set(options)
+        accepted |= set(params) | {f"{alias}.{p}" for p in params for alias, target in [*ALIASES.items(), (own, own)]
+                                   if target == own}
+    unknown = [k for k in options if k not in accepted]
     if unknown:
-        raise UserError(f"--head-option {unknown[0]}: none of the heads {', '.join(cfg.heads)} takes it")
+        head = unknown[0].rpartition(".")[0]
+        who = f"head {head!r} (not among --head {', '.join(cfg.heads)}, or without that option)" if head else \
+            f"none of the heads {', '.join(cfg.heads)}"
+        raise UserError(f"--head-option {unknown[0]}: {who} takes it")
     _check_device(cfg.device)
     return ns
 
@@ -1275,7 +1288,7 @@ def _run_lowshot(cfg: LowShotConfig, echo: Callable[[str], None] | None = None) 
         f"{cfg.experiments} experiment(s); head(s) {', '.join(cfg.heads)}")
     for head_name in cfg.heads:
         t0 = time.perf_counter()
-        options = method_options(cfg, resolve_method(head_name), table)
+        options = method_options(cfg, resolve_method(head_name), table, ALIASES.get(head_name, head_name))
         method = make_method(head_name, options)
         name = getattr(method, "name", head_name)
         method.context = LowShotContext(store=store, out=out, setup=cfg.setup, num_classes=C,
@@ -1508,7 +1521,8 @@ def write_outputs(out: Path, cfg: LowShotConfig, metrics: dict, store, ns: Seque
 @click.option("--independent-base-batches", is_flag=True,
               help="Give every classifier its own base batches (default: the runs of a setup share them).")
 @click.option("--head-option", "head_options", multiple=True,
-              help="KEY=VALUE for the heads' constructors, repeatable (e.g. max_per_label=5, episodes=2000).")
+              help="KEY=VALUE for the heads' constructors, HEAD.KEY=VALUE for one head only; repeatable "
+                   "(e.g. max_per_label=5, matching.episodes=2000).")
 @click.option("--max-problems", type=int, default=None, help="Classifiers trained together at most [default: all].")
 @click.option("--allow-seen-novel", is_flag=True, help="Allow novel classes the backbone was trained on.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")

@@ -329,3 +329,16 @@ def test_analogy_and_matching_heads_plug_in(store, tmp_path):
         m["summary"]["matching"]["n=1"]["novel_top5"]["values"]
     with pytest.raises(UserError, match="--head-option bogus"):
         ls.run_lowshot(cfg_for(store, tmp_path, heads=("logreg",), head_options=("bogus=1",)))
+
+
+def test_head_options_scoped_to_one_head():
+    table = {"plain": {"lr": 0.1, "wd": 1e-4}, "generation": {"lr": 0.1, "wd": 1e-3, "max_per_label": 20,
+                                                             "generator_lr": 0.1}}
+    cfg = ls.LowShotConfig(store="s", out="o", head_options=("iterations=7", "analogy.generator_iterations=50",
+                                                             "mn.episodes=9"))
+    analogy = ls.method_options(cfg, ls.resolve_method("analogy"), table, "analogy")
+    matching = ls.method_options(cfg, ls.resolve_method("matching"), table, "matching")
+    assert analogy["iterations"] == 7 and analogy["generator_iterations"] == 50 and "episodes" not in analogy
+    assert matching["episodes"] == 9 and "generator_iterations" not in matching
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        ls.parse_head_options(["analogy.=3"])

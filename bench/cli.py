@@ -66,10 +66,12 @@ def _add_protocol_commands() -> None:
     from bench.fsor import fsor_command
     from bench.fsor_finetune import fsor_finetune_command
     from bench.lowshot import lowshot_command
+    from bench.pixel_floor import pixel_floor_command
 
     cli.add_command(fsor_command)
     cli.add_command(fsor_finetune_command)
     cli.add_command(lowshot_command)
+    cli.add_command(pixel_floor_command)
 
 
 _add_protocol_commands()

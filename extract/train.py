@@ -566,6 +566,23 @@ def _wants_small_input(model: str, size: int | None) -> bool:
     return True
 
 
+def load_training_data(cfg: TrainConfig, progress: bool = False) -> "_Data":
+    """The base-class images of ``cfg`` decoded into memory with its training / validation split, exactly as
+    :func:`train` sees them (for baselines on the same split): ``.images`` uint8 ``[n, C, S, S]``, ``.labels``
+    ``[n]`` in 0..len(base)-1, ``.train_pos`` / ``.val_pos`` positions into them, ``.base`` source class indices."""
+    _validate(cfg)
+    source = ds.open_source(cfg.dataset, root=cfg.data_root, split=cfg.split)
+    small_input = cfg.small_input
+    if small_input is None:
+        small_input = _wants_small_input(cfg.model, cfg.image_size or source.native_size)
+    backbone = bb.create_backbone(cfg.model, small_input=small_input, **cfg.model_options)
+    spec = ds.transform_spec(backbone.input_spec, source, size=cfg.image_size)
+    data = _prepare_data(cfg, source, spec, progress, torch.device("cpu"))
+    if data.images is None:
+        raise UserError(f"the base-class images take more than --memory-limit-gb {cfg.memory_limit_gb}; raise it")
+    return data
+
+
 def _prepare_data(cfg: TrainConfig, source: Any, spec: dict, progress: bool, device: torch.device) -> _Data:
     """Base classes, the holdout and the decoded images (in memory when they fit) for transform ``spec``."""
     base = resolve_base_classes(source, cfg.base_classes)

@@ -425,10 +425,11 @@ def knn_section(args: PerfArgs) -> list[dict]:
 
     # ---- approximate indices: tuned upward until recall@10 >= 0.95, then timed
     nlist = 1024 if n >= 39 * 1024 else max(16, 1 << int(math.log2(n // 39)))
-    # IVF starts at nprobe 8, HNSW at efSearch = k; each steps up by about 1.5x until recall@10 >= 0.95.
-    steps = [8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    # IVF starts at nprobe 1, HNSW at efSearch = k; each steps up by about 1.5x until recall@10 >= 0.95 (on
+    # clustered data a handful of probes reach it: the smallest such setting is the honest operating point).
+    steps = [1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
     approx = [
-        ("IVF", f"nlist {nlist}", "nprobe", [v for v in steps if 8 <= v <= nlist and v != 10] or [nlist],
+        ("IVF", f"nlist {nlist}", "nprobe", [v for v in steps if v <= nlist and v != 10] or [nlist],
          lambda: build_faiss(x, "ivf", "ip", nlist=nlist, nprobe=8, seed=args.seed)),
         ("HNSW", "M 32", "efSearch", [v for v in steps if v >= K],
          lambda: build_faiss(x, "hnsw", "ip", hnsw_m=32, ef_search=K, ef_construction=64 if args.quick else 200,

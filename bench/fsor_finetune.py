@@ -183,39 +183,13 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 def _read_checkpoint(path: str) -> dict:
     """The raw featstore checkpoint dict (model name, options and provenance are needed before building)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"checkpoint {path} not found; check --checkpoint")
-    try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"checkpoint {path} is not a torch checkpoint ({str(exc).splitlines()[0][:100]})") from None
-    if not isinstance(raw, dict) or raw.get("format") != "featstore-checkpoint":
+    from extract.run import peek_checkpoint
+
+    raw = peek_checkpoint(str(Path(path).expanduser()))
+    if raw.get("format") != "featstore-checkpoint":
         raise UserError(f"checkpoint {path} was not written by featstore (extract train / save_checkpoint), so it "
                         "does not name its model; re-save it with extract.backbones.save_checkpoint")
     return raw
-
-
-class _Pixels(torch.utils.data.Dataset):
-    """Position k -> (uint8 image [Cs, R, R] of source sample ``indices[k]``, error line or "")."""
-
-    def __init__(self, source: Any, indices: np.ndarray, frame_spec: dict) -> None:
-        from extract import datasets as ds
-
-        self.source, self.indices = source, np.asarray(indices, dtype=np.int64)
-        self.transform = ds.build_transform(frame_spec)
-        self.blank = torch.zeros(frame_spec["channels"], frame_spec["size"], frame_spec["size"], dtype=torch.uint8)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int):
-        # a broken file comes back as a message, so the main process stops with one line, not a worker traceback
-        try:
-            x = self.transform(self.source.load(int(self.indices[k])))
-            return (x * 255.0).round_().to(torch.uint8), ""
-        except UserError as exc:
-            return self.blank, str(exc)
 
 
 def _decode(source: Any, indices: np.ndarray, frame_spec: dict, workers: int, progress: bool) -> torch.Tensor:
@@ -223,12 +197,14 @@ def _decode(source: Any, indices: np.ndarray, frame_spec: dict, workers: int, pr
     (as ``extract train`` does), because an episode step touches hundreds of images in random order."""
     from tqdm import tqdm
 
-    data = _Pixels(source, indices, frame_spec)
+    from extract.train import _Frames  # the framing (and the error line per broken file) of `extract train`
+
+    data = _Frames(source, indices, frame_spec)
     chunk = 256
     batches = [list(range(s, min(len(data), s + chunk))) for s in range(0, len(data), chunk)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
-    out = torch.empty(len(data), *data.blank.shape, dtype=torch.uint8)
+    out = torch.empty(len(data), *data._blank.shape, dtype=torch.uint8)
     with tqdm(total=len(data), unit="img", desc="decode", disable=not progress, leave=False) as bar:
         for b, (x, errors) in zip(batches, loader):
             bad = [e for e in errors if e]

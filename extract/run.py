@@ -114,10 +114,10 @@ def rank_chunks(n_chunks: int, rank: int, world: int) -> range:
 
 
 # ---------------------------------------------------------------------------- model and weights
-def _peek_checkpoint(path: str) -> dict:
+def peek_checkpoint(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} not found; check the path")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -133,7 +133,7 @@ def prepare_model(cfg: ExtractConfig, source: ds.Source) -> tuple[bb.Backbone, d
     ckpt_info: dict = {}
     options: dict = {}
     if cfg.checkpoint:
-        peek = _peek_checkpoint(cfg.checkpoint)
+        peek = peek_checkpoint(cfg.checkpoint)
         if peek.get("format") == "featstore-checkpoint":
             if peek.get("model") != cfg.model:
                 raise UserError(f"checkpoint {cfg.checkpoint} is for model {peek.get('model')!r}, not {cfg.model!r}")
@@ -142,7 +142,7 @@ def prepare_model(cfg: ExtractConfig, source: ds.Source) -> tuple[bb.Backbone, d
             # options that change the computation but not the weights' shapes (a stem stride) must come back
             options = dict(peek.get("model_options") or {})
     if small_input is None:
-        small_input = _wants_small_input(cfg.model, cfg.image_size or source.native_size)
+        small_input = wants_small_input(cfg.model, cfg.image_size or source.native_size)
     torch.manual_seed(cfg.seed)  # random init, where asked for, is a function of the seed
     if cfg.checkpoint:
         model = bb.create_backbone(cfg.model, small_input=small_input, **options)
@@ -164,7 +164,7 @@ def prepare_model(cfg: ExtractConfig, source: ds.Source) -> tuple[bb.Backbone, d
     return model, weights, ckpt_info
 
 
-def _wants_small_input(model: str, size: int | None) -> bool:
+def wants_small_input(model: str, size: int | None) -> bool:
     """The small-image stem for inputs of 64 px or less, where the model has one and expects larger inputs."""
     if size is None or size > 64:
         return False

@@ -62,6 +62,7 @@ from torch import nn
 from extract import backbones as bb
 from extract import datasets as ds
 from extract.losses import AUX_KINDS, AuxLoss, rotate_batch
+from extract.run import wants_small_input
 from featstore.errors import UserError
 from featstore.rules import select_mask
 
@@ -553,19 +554,6 @@ class _Data:
         return self.load_batches(batches)
 
 
-def _wants_small_input(model: str, size: int | None) -> bool:
-    """The small-image stem for inputs of 64 px or less where the model has one (extract's rule)."""
-    if size is None or size > 64:
-        return False
-    if bb.create_backbone(model).input_spec.get("size", 224) <= 64:
-        return False
-    try:
-        bb.create_backbone(model, small_input=True)
-    except UserError:
-        return False
-    return True
-
-
 def load_training_data(cfg: TrainConfig, progress: bool = False) -> "_Data":
     """The base-class images of ``cfg`` decoded into memory with its training / validation split, exactly as
     :func:`train` sees them (for baselines on the same split): ``.images`` uint8 ``[n, C, S, S]``, ``.labels``
@@ -574,7 +562,7 @@ def load_training_data(cfg: TrainConfig, progress: bool = False) -> "_Data":
     source = ds.open_source(cfg.dataset, root=cfg.data_root, split=cfg.split)
     small_input = cfg.small_input
     if small_input is None:
-        small_input = _wants_small_input(cfg.model, cfg.image_size or source.native_size)
+        small_input = wants_small_input(cfg.model, cfg.image_size or source.native_size)
     backbone = bb.create_backbone(cfg.model, small_input=small_input, **cfg.model_options)
     spec = ds.transform_spec(backbone.input_spec, source, size=cfg.image_size)
     data = _prepare_data(cfg, source, spec, progress, torch.device("cpu"))
@@ -931,7 +919,7 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int, distri
     source = ds.open_source(cfg.dataset, root=cfg.data_root, split=cfg.split)
     small_input = cfg.small_input
     if small_input is None:
-        small_input = _wants_small_input(cfg.model, cfg.image_size or source.native_size)
+        small_input = wants_small_input(cfg.model, cfg.image_size or source.native_size)
     _seed_everything(cfg.seed)
     backbone = bb.create_backbone(cfg.model, small_input=small_input, **cfg.model_options)
     spec = ds.transform_spec(backbone.input_spec, source, size=cfg.image_size)

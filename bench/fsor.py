@@ -169,8 +169,12 @@ def meta_train_head(head, *, store, features: torch.Tensor, labels: np.ndarray, 
 
     optional = dict(store=store, base_classes=base_classes, ways=ways, shots=shots, queries=queries,
                     open_ways=open_ways, device=device, quiet=quiet, support_views=views)
-    head.meta_train(features, labels, train_rows, val_rows, base_weights, seed,
-                    **_accepted_kwargs(head.meta_train, optional))
+    try:
+        head.meta_train(features, labels, train_rows, val_rows, base_weights, seed,
+                        **_accepted_kwargs(head.meta_train, optional))
+    except ValueError as exc:  # an episode request the split cannot serve: a user error, not a crash
+        raise UserError(f"head {head.head_name!r} meta-training on --train-split {train_split!r} / --val-split "
+                        f"{val_split!r}: {exc}") from None
 
 
 def checkpoint_base_weights(store, base_classes: np.ndarray, device: torch.device) -> torch.Tensor | None:

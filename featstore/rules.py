@@ -75,16 +75,19 @@ def select_mask(rule: str, n: int, fields: Mapping[str, np.ndarray] | Callable[[
 
 
 def rule_mask(store, rule: str, option: str = "--train-rule") -> np.ndarray:
-    """``[N]`` bool mask of the rows of a feature store satisfying ``rule`` (its meta arrays and splits)."""
+    """``[N]`` bool mask of the rows of a feature store satisfying ``rule`` (its meta arrays and splits; the field
+    ``class`` is the row's label unless the store has a meta array of that name)."""
     meta_names = set(store.meta_names)
 
     def field(name: str):
-        return store.meta(name) if name in meta_names else None
+        if name in meta_names:
+            return store.meta(name)
+        return store.labels if name == "class" else None
 
     splits = {name: store.split(name) for name in store.split_names} if "split" in str(rule) else {}
     try:
         return select_mask(rule, store.n, field, splits, option=option, where=f"store {store.path}")
     except UserError as exc:
         if "no per-sample field" in str(exc):
-            raise UserError(f"{exc} (it has: {', '.join(sorted(meta_names)) or 'none'})") from None
+            raise UserError(f"{exc} (it has: {', '.join(sorted(meta_names | {'class'}))})") from None
         raise

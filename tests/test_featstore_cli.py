@@ -147,6 +147,8 @@ def test_split_from_splits_rule_and_exclusion(tmp_path):
     assert tree_hash(path) == before
     assert run("split", path, "train", "--rule", "drawer>=7", "--overwrite").returncode == 0
     np.testing.assert_array_equal(FeatureStore.open(path).split("train"), np.flatnonzero(drawer >= 7))
+    assert run("split", path, "held", "--rule", "class>=2").returncode == 0  # "class": the row's label
+    np.testing.assert_array_equal(FeatureStore.open(path).split("held"), np.flatnonzero(labels >= 2))
 
 
 def test_export_import_round_trip(store, tmp_path):

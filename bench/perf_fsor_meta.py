@@ -38,9 +38,9 @@ def fsor_meta_section(args: PerfArgs) -> list[dict]:
     if args.quick:
         model_name, channels, size, small_input, episodes = "conv4", 3, 28, True, 8
     else:
-        model_name, channels, size, small_input, episodes = "resnet12", 3, 84, False, 40
+        model_name, channels, size, small_input, episodes = "resnet12", 3, 84, False, 10
     ways, open_ways, shots, queries, per_step = 5, 5, 1, 15, 2
-    n_classes, per_class = 24, shots + queries + 4
+    n_classes, per_class = 16, shots + queries
 
     torch.manual_seed(args.seed)
     backbone = bb.create_backbone(model_name, small_input=small_input).eval()

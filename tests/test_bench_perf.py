@@ -111,3 +111,15 @@ def test_bench_perf_bad_section_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown section" in proc.stderr
+
+
+@pytest.mark.parametrize("name", [pytest.param("extract", marks=pytest.mark.slow),
+                                  pytest.param("train", marks=pytest.mark.slow), "fsor-meta"])
+def test_model_sections_quick(name, tmp_path):
+    """The sections that time a backbone run end to end on tiny sizes and return one row per figure."""
+    from bench.perf import PerfArgs, load_sections
+
+    args = PerfArgs(sections=(name,), quick=True, workdir=str(tmp_path), threads=1)
+    rows = load_sections()[name](args)
+    assert rows and all(r["section"] == name and r["value"] > 0 and r["ratio"] > 0 for r in rows)
+    assert all(r["passed"] is None for r in rows)  # --quick figures are never judged against a target

@@ -164,6 +164,14 @@ def prepare_model(cfg: ExtractConfig, source: ds.Source) -> tuple[bb.Backbone, d
     return model, weights, ckpt_info
 
 
+def check_device(device: str) -> None:
+    """A one-line error for a --device that is neither cpu nor cuda[:N], or cuda where torch sees no GPU."""
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device must be cpu or cuda[:N], not {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+
+
 def wants_small_input(model: str, size: int | None) -> bool:
     """The small-image stem for inputs of 64 px or less, where the model has one and expects larger inputs."""
     if size is None or size > 64:
@@ -345,10 +353,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
         raise UserError(f"--views must be >= 0, not {cfg.views}")
     if cfg.workers < 0:
         raise UserError(f"--workers must be >= 0, not {cfg.workers}")
-    if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
-        raise UserError(f"--device must be cpu or cuda[:N], not {cfg.device!r}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+    check_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     distributed = _init_dist(cfg.device)

@@ -62,7 +62,7 @@ from torch import nn
 from extract import backbones as bb
 from extract import datasets as ds
 from extract.losses import AUX_KINDS, AuxLoss, rotate_batch
-from extract.run import wants_small_input
+from extract.run import check_device, wants_small_input
 from featstore.errors import UserError
 from featstore.rules import select_mask
 
@@ -210,10 +210,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"--shift must be >= 0, not {cfg.shift}")
     if cfg.workers < 0:
         raise UserError(f"--workers must be >= 0, not {cfg.workers}")
-    if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
-        raise UserError(f"--device must be cpu or cuda[:N], not {cfg.device!r}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+    check_device(cfg.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------

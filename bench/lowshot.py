@@ -343,16 +343,17 @@ class LogRegMethod(LowShotMethod):
     def __init__(self, lr: float = 0.1, wd: float = 1e-3, momentum: float = 0.9, dampening: float = 0.9,
                  iterations: int = 10_000, batch_size: int = 1000, solver: str = "sgd",
                  share_base_batches: bool = True, precision: str = "fp32", device: str = "cpu",
-                 max_problems: int | None = None):
+                 max_problems: int | None = None, gemm: str = "auto"):
         self.hparams = dict(lr=lr, wd=wd, momentum=momentum, dampening=dampening, iterations=iterations,
                             batch_size=batch_size, solver=solver, share_base_batches=share_base_batches,
-                            precision=precision)
+                            precision=precision, gemm=gemm)
         self.device = device
         self.max_problems = max_problems
         self.last_head_ = None
 
     def describe(self) -> dict:
         return {**self.hparams, "max_problems": self.max_problems,
+                "gemm_used": getattr(self.last_head_, "gemm_", None),
                 "classifier": "linear with bias over all classes, raw features, default init"}
 
     def setup(self, base_feats, base_labels, base_classes, novel_classes, num_classes, seed) -> None:
@@ -444,12 +445,12 @@ class AnalogyLogRegMethod(LogRegMethod):
     def __init__(self, lr: float = 0.1, wd: float = 1e-3, momentum: float = 0.9, dampening: float = 0.9,
                  iterations: int = 10_000, batch_size: int = 1000, solver: str = "sgd",
                  share_base_batches: bool = True, precision: str = "fp32", device: str = "cpu",
-                 max_problems: int | None = None, max_per_label: int = 20, generator_lr: float = 0.1,
-                 generator_iterations: int = 120_000, clusters_per_class: int = 100, kmeans: str = "faithful",
-                 classifier_iterations: int = 10_000):
+                 max_problems: int | None = None, gemm: str = "auto", max_per_label: int = 20,
+                 generator_lr: float = 0.1, generator_iterations: int = 120_000, clusters_per_class: int = 100,
+                 kmeans: str = "faithful", classifier_iterations: int = 10_000):
         super().__init__(lr=lr, wd=wd, momentum=momentum, dampening=dampening, iterations=iterations,
                          batch_size=batch_size, solver=solver, share_base_batches=share_base_batches,
-                         precision=precision, device=device, max_problems=max_problems)
+                         precision=precision, device=device, max_problems=max_problems, gemm=gemm)
         self.generator_options = dict(max_per_label=int(max_per_label), generator_lr=float(generator_lr),
                                       generator_iterations=int(generator_iterations),
                                       clusters_per_class=int(clusters_per_class), kmeans=kmeans,
@@ -1220,17 +1221,13 @@ def _validate(cfg: LowShotConfig) -> list[int]:
 
 def run_lowshot(cfg: LowShotConfig, echo: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark; write results.json, lowshot.md and the PNG into ``cfg.out``; return the metrics."""
-    import torch
-
     if cfg.threads is None:
         return _run_lowshot(cfg, echo)
+    from bench.perf import thread_limits
+
     _validate(cfg)
-    old = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with thread_limits(cfg.threads):   # torch, numpy's BLAS (the CPU products of heads/_cpu_blas.py) and FAISS
         return _run_lowshot(cfg, echo)
-    finally:
-        torch.set_num_threads(old)
 
 
 def _run_lowshot(cfg: LowShotConfig, echo: Callable[[str], None] | None = None) -> dict:
@@ -1773,7 +1770,8 @@ def perf_lowshot_section(args) -> list[dict]:
 
         # ---- the original way: 25 processes
         log(f"lowshot: original style, 25 processes x {iters} iterations")
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   OPENBLAS_NUM_THREADS=str(threads))
         (tmp / "orig").mkdir()
 
         def original(e: int, n: int, iterations: int, result: Path) -> None:

@@ -46,9 +46,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from heads._cpu_blas import BACKENDS as GEMM_BACKENDS, Products
 from heads.base import Head, as_tensor, register_head
 
 SOLVERS = ("sgd", "lbfgs")
+#: logits per block of the SGD loop (256 MiB of float32), a bound on its buffers. Smaller blocks that stay in the
+#: cache were slower: the products then re-read W once per block.
+LOGIT_BLOCK = 1 << 26
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -93,17 +97,19 @@ class LowShotLogReg(Head):
     ``lbfgs_iterations`` / ``lbfgs_tol`` for the full-batch solver, ``block_rows`` (rows per block of the full-batch
     passes), ``precision`` "fp32" (default, faithful) or "bf16" (SGD matrix products in bfloat16 with float32
     weights, softmax and updates: several times faster on GPUs and on CPUs with AMX / AVX512-BF16, slower on
-    others), ``device``.
+    others), ``gemm`` "auto" | "torch" | "numpy" (which BLAS computes the float32 CPU products: heads/_cpu_blas.py;
+    "auto" takes numpy's OpenBLAS where torch's MKL runs slow kernels, on AMD CPUs), ``device``.
 
     Learnt state: ``weight_ [P, C, d]``, ``bias_ [P, C]`` (P = 1 after :meth:`fit`), ``loss_history_ [k, P]``
-    (mean batch loss every ``log_every`` iterations; SGD only), ``n_iter_`` (iterations run).
+    (mean batch loss every ``log_every`` iterations; SGD only), ``n_iter_`` (iterations run), ``gemm_`` (the
+    product backend the SGD loop used).
     """
 
     def __init__(self, num_classes: int | None = None, *, lr: float = 0.1, wd: float = 1e-3, momentum: float = 0.9,
                  dampening: float = 0.9, iterations: int = 10_000, batch_size: int = 1000, solver: str = "sgd",
                  seed: int = 0, share_base_batches: bool = True, lbfgs_iterations: int = 300,
                  lbfgs_tol: float = 1e-6, block_rows: int = 8192, log_every: int = 100, chunk: int = 100,
-                 precision: str = "fp32", device: str | torch.device = "cpu"):
+                 precision: str = "fp32", gemm: str = "auto", device: str | torch.device = "cpu"):
         super().__init__(device)
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -125,7 +131,10 @@ class LowShotLogReg(Head):
         self.share_base_batches = bool(share_base_batches)
         self.lbfgs_iterations, self.lbfgs_tol = int(lbfgs_iterations), float(lbfgs_tol)
         self.block_rows, self.log_every, self.chunk = int(block_rows), int(log_every), int(chunk)
-        self.precision = precision
+        if gemm not in GEMM_BACKENDS:
+            raise ValueError(f"unknown gemm backend {gemm!r}; choose one of {', '.join(GEMM_BACKENDS)}")
+        self.precision, self.gemm = precision, gemm
+        self.gemm_: str | None = None
         self.weight_: torch.Tensor | None = None
         self.bias_: torch.Tensor | None = None
         self.loss_history_: torch.Tensor | None = None
@@ -216,14 +225,12 @@ class LowShotLogReg(Head):
         return self
 
     # ------------------------------------------------------------------------------------------------ SGD
-    def _mm_dtype(self):
-        return torch.bfloat16 if self.precision == "bf16" else None
-
     def _sgd(self, xb, yb, novel, C, nb, nv, seeds, base_seed, progress):
         dev = self.device
         P, d = len(novel), xb.shape[1]
         B = float(self.batch_size)
-        low = self._mm_dtype()
+        mm = Products(dev, self.precision, self.gemm)
+        self.gemm_ = mm.name
         W0, b0 = default_init(P, C, d, seeds)
         # Problems whose novel pool is not larger than the novel rows of a batch (small n) are cheaper as "the
         # whole pool, each row weighted by how often it was drawn" than as a gather of nv rows: the same gradient
@@ -250,7 +257,7 @@ class LowShotLogReg(Head):
             for k, p in enumerate(small[i:j]):
                 X[k, : sizes[p]] = novel[p][0]
                 Y[k, : sizes[p]] = novel[p][1]
-            buckets.append((i, j, X if low is None else X.to(low), Y))
+            buckets.append((i, j, mm.rows(X), Y))
             i = j
         if PB:
             pool = torch.cat([novel[p][0] for p in large])
@@ -259,13 +266,19 @@ class LowShotLogReg(Head):
         gens = [torch.Generator().manual_seed(int(seeds[p]) + 7_919) for p in order[: PA + PB]]
         base_rngs = ([np.random.default_rng(base_seed)] if self.share_base_batches else
                      [np.random.default_rng([base_seed, int(seeds[p])]) for p in order])
+        # The momentum buffers take the gradient directly: every matrix product of an iteration accumulates into
+        # them with the dampening and 1/B folded into its scale (the first product also applies the momentum
+        # decay), then weight decay and the step are one pass each. This is torch.optim.SGD's rule (g = grad +
+        # wd w; buf = mu buf + (1 - dampening) g, buf = g at the first step; w -= lr buf) in two passes over W.
         bufW = torch.zeros_like(W)
         bufb = torch.zeros_like(b)
         T = self.iterations
         history = []
         loss_acc = torch.zeros(P, device=dev)
         loss_n = 0
-        ar_nb = torch.arange(nb, device=dev)
+        base_block = max(16, min(nb, LOGIT_BLOCK // (P * C)))
+        # [rows, P]: where the logits of (base row i, problem p) start in the flattened [rows, P * C] logits
+        row_starts = torch.arange(base_block, device=dev)[:, None] * (P * C) + torch.arange(P, device=dev) * C
         for t0 in range(0, T, self.chunk):
             tc = min(self.chunk, T - t0)
             # ---- random numbers for tc iterations, drawn on the CPU (device-agnostic, reproducible)
@@ -276,55 +289,48 @@ class LowShotLogReg(Head):
                 nidx = torch.stack([torch.randint(sizes[p], (tc, nv), generator=g) for p, g
                                     in zip(order, gens)], dim=1).to(dev)  # [tc, PA+PB, nv]
             for k in range(tc):
-                gW = torch.zeros_like(W)
-                gb = torch.zeros_like(b)
+                t = t0 + k
+                first = t == 0 or not self.momentum
+                beta = 0.0 if first else self.momentum          # decay of the buffer
+                alpha = (1.0 if first else 1.0 - self.dampening) / B   # weight of this iteration's summed gradient
                 loss = torch.zeros(P, device=dev)
-                Wl = W if low is None else W.to(low)
-                if nb:
-                    if self.share_base_batches:
-                        rows = bidx[k, 0]
-                        x = xb[rows]                                       # [nb, d]
-                        y = yb[rows]
-                        if low is None:
-                            z = torch.addmm(b.view(1, -1), x, W.view(P * C, d).t())
-                        else:
-                            x = x.to(low)
-                            z = (x @ Wl.view(P * C, d).t()).float().add_(b.view(1, -1))
-                        z = z.view(nb, P, C)
-                        lse = torch.logsumexp(z, dim=2, keepdim=True)
-                        loss += (lse[:, :, 0] - z[ar_nb, :, y]).sum(0)
-                        g = torch.exp_(z.sub_(lse))                         # softmax, in place
-                        g[ar_nb, :, y] -= 1.0
-                        g.div_(B)
-                        g2 = g.view(nb, P * C).t()
-                        gW += (g2 @ x if low is None else (g2.to(low) @ x).float()).view(P, C, d)
-                        gb += g.sum(0)
-                    else:
-                        rows = bidx[k]                                     # [P, nb]
-                        self._dense_step(Wl, b, gW, gb, loss, slice(0, P), xb[rows], yb[rows], None, B, low)
+                Wl = mm.weights(W)
+                if nb and self.share_base_batches:
+                    # products [r, d] x [d, P * C] for the base rows of all problems (in row blocks when the
+                    # logits would outgrow LOGIT_BLOCK)
+                    rows = bidx[k, 0]
+                    for lo in range(0, nb, base_block):
+                        r = min(base_block, nb - lo)
+                        x = mm.rows(xb[rows[lo:lo + r]])                   # [r, d]
+                        g = mm.softmax_of_linear(x, Wl.view(P * C, d), b.view(1, -1), groups=P)   # [r, P, C]
+                        flat, target = g.view(-1), (row_starts[:r] + yb[rows[lo:lo + r]][:, None]).view(-1)
+                        hit = flat[target]
+                        loss -= torch.log(hit.clamp_min(1e-38)).view(r, P).sum(0)
+                        flat.index_add_(0, target, torch.full_like(hit, -1.0))   # softmax - onehot
+                        g = g.view(r, P * C)
+                        decay = beta if lo == 0 else 1.0
+                        mm.accumulate(bufW.view(P * C, d), g, x, decay, alpha)
+                        bufb.mul_(decay).add_(g.sum(0).view(P, C), alpha=alpha)
+                elif nb:
+                    rows = bidx[k]                                         # [P, nb]
+                    self._dense_step(mm, Wl, b, bufW, bufb, beta, alpha, loss, slice(0, P), xb[rows], yb[rows])
+                else:
+                    bufW.mul_(beta)
+                    bufb.mul_(beta)
                 for i, j, X, Y in buckets:
                     counts = torch.zeros(Y.shape, device=dev)
                     counts.scatter_add_(1, nidx[k, i:j], torch.ones(j - i, nv, device=dev))
-                    self._dense_step(Wl, b, gW, gb, loss, slice(i, j), X, Y, counts, B, low)
+                    self._dense_step(mm, Wl, b, bufW, bufb, 1.0, alpha, loss, slice(i, j), X, Y, counts)
                 if PB:
                     rows = nidx[k, PA:] + offsets                          # [PB, nv]
-                    self._dense_step(Wl, b, gW, gb, loss, slice(PA, PA + PB), pool[rows], pool_y[rows], None, B,
-                                     low)
-                # ---- SGD with momentum and dampening, weight decay on W and b (torch.optim.SGD's rule)
-                t = t0 + k
+                    self._dense_step(mm, Wl, b, bufW, bufb, 1.0, alpha, loss, slice(PA, PA + PB), pool[rows],
+                                     pool_y[rows])
+                # ---- weight decay (on W and b, as torch.optim.SGD) and the step
                 if self.wd:
-                    gW.add_(W, alpha=self.wd)
-                    gb.add_(b, alpha=self.wd)
-                if self.momentum:
-                    if t == 0:
-                        bufW.copy_(gW)
-                        bufb.copy_(gb)
-                    else:
-                        bufW.mul_(self.momentum).add_(gW, alpha=1 - self.dampening)
-                        bufb.mul_(self.momentum).add_(gb, alpha=1 - self.dampening)
-                    gW, gb = bufW, bufb
-                W.add_(gW, alpha=-self.lr)
-                b.add_(gb, alpha=-self.lr)
+                    bufW.add_(W, alpha=alpha * B * self.wd)
+                    bufb.add_(b, alpha=alpha * B * self.wd)
+                W.add_(bufW, alpha=-self.lr)
+                b.add_(bufb, alpha=-self.lr)
                 loss_acc += loss / B
                 loss_n += 1
                 if self.log_every and (t + 1) % self.log_every == 0:
@@ -339,30 +345,28 @@ class LowShotLogReg(Head):
         return W[inv], b[inv], hist
 
     @staticmethod
-    def _dense_step(W, b, gW, gb, loss, sl, x, y, weights, B, low=None):
-        """Cross-entropy gradient of problems ``sl`` on their own rows: ``x [p, r, d]``, ``y [p, r]``, optional
-        row weights ``[p, r]`` (multiplicities); accumulates into gW, gb and the summed loss. ``low``: dtype of
-        the matrix products (None = float32); W is then already in that dtype."""
-        if low is None:
-            z = torch.baddbmm(b[sl].unsqueeze(1), x, W[sl].transpose(1, 2))   # [p, r, C]
-        else:
-            x = x.to(low)
-            z = torch.bmm(x, W[sl].transpose(1, 2)).float().add_(b[sl].unsqueeze(1))
-        lse = torch.logsumexp(z, dim=2, keepdim=True)
-        zy = z.gather(2, y.unsqueeze(2))
-        per_row = (lse - zy)[:, :, 0]
-        g = torch.exp_(z.sub_(lse))
-        g.scatter_add_(2, y.unsqueeze(2), torch.full_like(zy, -1.0))
-        if weights is not None:
-            g.mul_(weights.unsqueeze(2))
-            per_row = per_row * weights
-        g.div_(B)
-        loss[sl] += per_row.sum(1)
-        if low is None:
-            gW[sl] += torch.bmm(g.transpose(1, 2), x)
-        else:
-            gW[sl] += torch.bmm(g.to(low).transpose(1, 2), x).float()
-        gb[sl] += g.sum(1)
+    def _dense_step(mm, Wl, b, bufW, bufb, beta, alpha, loss, sl, x, y, weights=None):
+        """Cross-entropy gradient of problems ``sl`` on their own rows ``x [p, r, d]``, ``y [p, r]`` with optional
+        row weights ``[p, r]`` (multiplicities), folded into the momentum buffers: ``buf[sl] = beta * buf[sl] +
+        alpha * summed gradient``; the summed loss goes into ``loss[sl]``. ``mm``: the :class:`Products` of the
+        loop, ``Wl`` the weights in its dtype."""
+        x = mm.rows(x)
+        C = Wl.shape[1]
+        step = max(1, LOGIT_BLOCK // (x.shape[1] * C))      # problems per block
+        for lo in range(0, x.shape[0], step):
+            hi = min(lo + step, x.shape[0])
+            q = slice(sl.start + lo, sl.start + hi)
+            xs, ys = x[lo:hi], y[lo:hi].unsqueeze(2)
+            g = mm.softmax_of_linear(xs, Wl[q], b[q].unsqueeze(1))[:, :, 0]     # [p, r, C]
+            hit = g.gather(2, ys)
+            per_row = -torch.log(hit.clamp_min(1e-38))[:, :, 0]
+            g.scatter_add_(2, ys, torch.full_like(hit, -1.0))
+            if weights is not None:
+                g.mul_(weights[lo:hi].unsqueeze(2))
+                per_row = per_row * weights[lo:hi]
+            loss[q] += per_row.sum(1)
+            mm.accumulate(bufW[q], g, xs, beta, alpha)
+            bufb[q].mul_(beta).add_(g.sum(1), alpha=alpha)
 
     # ------------------------------------------------------------------------------------------------ L-BFGS
     def _full_objective(self, W, b, xb, yb, novel, nb, nv):

@@ -56,10 +56,11 @@ def test_registered_and_batch_mix():
     assert not torch.equal(W[0], W[1])
 
 
-def test_sgd_is_torch_optim_sgd_with_dampening():
+@pytest.mark.parametrize("gemm", ["torch", "numpy"])
+def test_sgd_is_torch_optim_sgd_with_dampening(gemm):
     """One problem, same batches: our batched update equals nn.Linear + torch.optim.SGD(momentum 0.9,
     dampening 0.9, weight decay) + CrossEntropyLoss, both when novel rows are gathered and when the whole
-    novel pool is weighted by draw counts."""
+    novel pool is weighted by draw counts, with either BLAS computing the products."""
     C, base, novel, (xb, yb), (xn, yn), _ = lowshot_problem(shots=8)
     T, batch = 30, 40
     nb = base_rows_per_batch(batch, len(base), len(novel))
@@ -68,7 +69,8 @@ def test_sgd_is_torch_optim_sgd_with_dampening():
         keep = np.concatenate([np.flatnonzero(yn == c)[:shots] for c in novel])
         fx, fy = xn[keep], yn[keep]
         assert (len(fy) > nv) == (shots == 8)
-        head = LowShotLogReg(num_classes=C, lr=0.5, wd=1e-2, iterations=T, batch_size=batch, seed=3, chunk=T)
+        head = LowShotLogReg(num_classes=C, lr=0.5, wd=1e-2, iterations=T, batch_size=batch, seed=3, chunk=T,
+                             gemm=gemm)
         head.fit_many(xb, yb, [(fx, fy)], base_classes=base, novel_classes=novel, seeds=[11], base_seed=5)
 
         # The same random numbers, drawn the way the head draws them.
@@ -89,6 +91,7 @@ def test_sgd_is_torch_optim_sgd_with_dampening():
             opt.step()
         torch.testing.assert_close(head.weight_[0], lin.weight.detach(), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(head.bias_[0], lin.bias.detach(), atol=1e-5, rtol=1e-4)
+        assert head.gemm_ == gemm
 
 
 def test_fit_many_equals_separate_fits():
@@ -160,6 +163,11 @@ def test_lbfgs_reaches_the_sgd_accuracy_on_a_lowshot_problem():
 def test_errors():
     with pytest.raises(ValueError, match="solver"):
         LowShotLogReg(solver="adam")
+    with pytest.raises(ValueError, match="gemm"):
+        LowShotLogReg(gemm="mkl")
+    with pytest.raises(ValueError, match="numpy backend"):
+        LowShotLogReg(gemm="numpy", precision="bf16", iterations=1, batch_size=5).fit(
+            np.ones((10, 3), np.float32), np.arange(10) % 2)
     with pytest.warns(UserWarning, match="dampening"):
         LowShotLogReg(dampening=0.0)
     x = np.ones((10, 3), np.float32)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._cpu_blas import matmul
 from .base import Head, as_tensor, register_head
 
 __all__ = ["MatchingNetwork", "MatchingNet", "lowshot_support", "class_log_probs"]
@@ -78,7 +79,7 @@ class MatchingNet(nn.Module):
 
     def attention_weights(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """softmax over the support of h gᵀ: h [E, m, d], g [E, n, d] -> [E, m, n]."""
-        return torch.softmax(h @ g.transpose(-1, -2), dim=-1)
+        return torch.softmax(matmul(h, g.transpose(-1, -2)), dim=-1)
 
     def embed_query(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The K-step attention LSTM: f [E, m, d], g [E, n, d] -> h [E, m, d] (f itself when fce is off)."""
@@ -87,18 +88,20 @@ class MatchingNet(nn.Module):
         E, m, d = f.shape
         h, c = f, torch.zeros_like(f)
         for _ in range(self.steps):
-            r = self.attention_weights(h, g) @ g
+            r = matmul(self.attention_weights(h, g), g)
             h, c = self.cell(torch.cat((f, r), dim=-1).reshape(E * m, 2 * d), (h.reshape(E * m, d),
                                                                                c.reshape(E * m, d)))
             h, c = h.reshape(E, m, d) + f, c.reshape(E, m, d)
         return h
 
+    def scores(self, f: torch.Tensor, g: torch.Tensor, g_hat: torch.Tensor) -> torch.Tensor:
+        """f [E, m, d] queries, (g, ĝ) [E, n, d] -> [E, m, n]: the embedded queries against ĝ."""
+        return matmul(self.embed_query(f, g), g_hat.transpose(-1, -2))
+
     def log_probs(self, f: torch.Tensor, g: torch.Tensor, g_hat: torch.Tensor, support_class: torch.Tensor,
                   n_classes: int) -> torch.Tensor:
         """f [E, m, d] queries, (g, ĝ) [E, n, d], support_class [E, n] -> [E, m, n_classes] log-probabilities."""
-        h = self.embed_query(f, g)
-        scores = h @ g_hat.transpose(-1, -2)
-        return class_log_probs(scores, support_class, n_classes)
+        return class_log_probs(self.scores(f, g, g_hat), support_class, n_classes)
 
 
 # ------------------------------------------------------------------------------------------------ the support

@@ -27,7 +27,8 @@ The protocol (methods/lowshot.md 2, 7, 12), generalised from ImageNet-1k to any 
 Heads plug in as :class:`LowShotMethod` objects registered in :data:`METHODS` (``--head NAME``, repeatable):
 ``logreg`` (the paper's baseline), ``analogy`` (analogy hallucination + logreg, heads/analogy.py) and ``matching``
 (matching networks, heads/matching.py; alias ``mn``); ``--head-option KEY=VALUE`` reaches their constructors. What a
-head's ``prepare`` trains (generator, matching network) is cached under ``--out/cache``. All (experiment, n) runs
+head's ``prepare`` trains (generator, matching network) is cached in the store (node ``cache/``, see
+:class:`HeadCache`) under a content key, so that every results folder reuses it. All (experiment, n) runs
 of a head happen in one process; the logreg head trains them as one batched program. Hyper-parameters default to
 table 7.6 of methods/lowshot.md for the store's representation.
 
@@ -65,6 +66,7 @@ DEFAULT_TEST_FRACTION = 0.2
 PROTOCOL_FORMAT = "featstore.lowshot.protocol/1"
 SPLITFILES_FORMAT = "featstore.lowshot.splitfiles/1"
 SPLITFILE_NAME = "splitfile_{:d}.json"
+CACHE_LOCK_WAIT = 60.0   # seconds a head cache waits for another writer of the store before it uses --out/cache
 #: Modules that may define more low-shot methods (imported when a --head name is not registered yet): a bench
 #: module registers with :func:`register_method`; a heads module (which must not import bench) defines
 #: ``LOWSHOT_METHODS = {"name": cls}`` with classes that follow the :class:`LowShotMethod` protocol.
@@ -182,7 +184,7 @@ class LowShotContext:
     """What the protocol tells a method besides the arrays (set as ``method.context`` before ``prepare``)."""
 
     store: Any                     # featstore.store.FeatureStore (read-only)
-    out: Path                      # results folder (a method may keep caches under out / "cache" / name)
+    out: Path                      # results folder
     setup: str                     # "test" | "val" | "all"
     num_classes: int               # C: logits span all classes of the store
     class_names: list[str]
@@ -190,6 +192,7 @@ class LowShotContext:
     device: str
     all_base_classes: list[int]    # base_1 + base_2 (what a generator / matching network trains on)
     quiet: bool = False            # no progress bars
+    cache: "HeadCache | None" = None   # where prepare() keeps what it trains once per store
 
 
 @dataclass
@@ -213,7 +216,7 @@ class LowShotMethod:
     1. ``method.context = LowShotContext(...)``, ``method.progress = callback`` (or None);
     2. ``prepare(store_features [N_b, d], labels [N_b], base_classes, seed)`` once per store: the training rows of
        **all** base classes (base_1 + base_2, never a novel row), e.g. to train an analogy generator or a matching
-       network; cache what is expensive under ``context.out`` keyed by ``context.store.fingerprint_hash``;
+       network; keep what is expensive in ``context.cache`` (:class:`HeadCache`) under a content key;
     3. ``setup(base_feats [N_s, d], base_labels [N_s], base_classes, novel_classes, num_classes, seed)`` once per
        setup: the base pool every run trains on (all training rows of the setup's base classes);
     4. ``scores(train_feats [m, d], train_labels [m], test_feats [t, d], n, experiment) -> [t, C]`` per run: the
@@ -395,10 +398,53 @@ class LogRegMethod(LowShotMethod):
                 yield head.logits(x_test, problem=p)
 
 
-def _cache_path(context: LowShotContext | None, stem: str, key: str, suffix: str) -> Path | None:
-    if context is None:
+class HeadCache:
+    """What a head trains once per store (an analogy generator, a matching network), kept in the store itself as
+    node ``cache/<stem>-<key>`` so that every results folder and every later run reuses it; in ``<out>/cache`` when
+    the store cannot be written (read-only files, or another writer past ``wait`` seconds). ``key`` is a content
+    hash (the store's fingerprint, the training rows' features and labels, the hyper-parameters), never a name."""
+
+    def __init__(self, store, out: Path, wait: float | None = None):
+        self.store, self.folder = store, Path(out) / "cache"
+        self.wait = CACHE_LOCK_WAIT if wait is None else wait
+        self.notes: list[str] = []
+
+    @staticmethod
+    def _name(stem: str, key: str) -> str:
+        return f"{stem}-{key[:24]}"
+
+    def load(self, stem: str, key: str) -> tuple[bytes, str] | None:
+        """(bytes, where) of a cached entry, or None."""
+        name = self._name(stem, key)
+        found = self.store.read_blob("cache", name)
+        if found is not None and found[1].get("key") == key:
+            return found[0].tobytes(), f"store {self.store.path} node cache/{name}"
+        path = self.folder / name
+        if path.is_file():
+            return path.read_bytes(), str(path)
         return None
-    return Path(context.out) / "cache" / f"{stem}-{key[:24]}{suffix}"
+
+    def save(self, stem: str, key: str, data: bytes, describe: dict) -> str:
+        """Keep ``data``; returns where it went."""
+        name = self._name(stem, key)
+        attrs = {"key": key, "describe": describe, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "featstore": __import__("featstore").__version__}
+        try:
+            self.store.write_blob("cache", name, data, attrs, wait=self.wait)
+            return f"store {self.store.path} node cache/{name}"
+        except (OSError, UserError) as exc:
+            reason = " ".join(str(exc).split())[:160]
+            _write_atomic(self.folder / name, data)
+            self.notes.append(f"{stem}: not cached in the store ({reason}); kept in {self.folder / name}")
+            return str(self.folder / name)
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 def checkpoint_classifier(store) -> tuple[np.ndarray, np.ndarray | None, list[str], str] | None:
@@ -407,12 +453,16 @@ def checkpoint_classifier(store) -> tuple[np.ndarray, np.ndarray | None, list[st
     import torch
 
     config = (store.provenance or {}).get("config") or {}
-    path, sha = config.get("checkpoint"), (store.fingerprint or {}).get("checkpoint_sha256")
-    if not path or not sha or not Path(path).is_file():
+    recorded, sha = config.get("checkpoint"), (store.fingerprint or {}).get("checkpoint_sha256")
+    if not recorded or not sha:
+        return None
+    # stores of earlier versions recorded the path as given, relative to where extract ran: try it from here and
+    # from beside the store; the sha256 decides
+    candidates = [Path(recorded)] if Path(recorded).is_absolute() else [Path(recorded), store.path.parent / recorded]
+    path = next((p for p in candidates if p.is_file() and _file_sha256(p) == sha), None)
+    if path is None:
         return None
     try:
-        if _file_sha256(Path(path)) != sha:
-            return None
         raw = torch.load(path, map_location="cpu", weights_only=True)
         clf, names = raw.get("classifier"), raw.get("classes")
         weight = np.asarray(clf["weight"], dtype=np.float32)
@@ -432,7 +482,8 @@ class AnalogyLogRegMethod(LogRegMethod):
     analogy mining, the generator MLP) trained on the training rows of all base classes against a frozen linear
     classifier: the backbone's own (when the store's checkpoint file is found, matching its sha256), else the
     fallback of 6.2 (linear with bias, SGD lr 0.1, momentum 0.9, wd 1e-4, batch 1000, ``classifier_iterations``).
-    Cached under ``--out/cache`` by store fingerprint, base classes and hyper-parameters.
+    Cached in the store (:class:`HeadCache`) under a hash of the store fingerprint, the training rows' features and
+    labels, the base classes, the classifier and the hyper-parameters.
     Per run: every novel class with m < ``max_per_label`` examples gets max_per_label - m generated ones (seeded
     by the run), and the logreg head trains on real + generated rows. Defaults (lr, wd, max_per_label,
     generator lr) from table 7.6, "with generation".
@@ -485,12 +536,16 @@ class AnalogyLogRegMethod(LogRegMethod):
                           "iterations": go["classifier_iterations"]}
         key = gen.cache_key(ctx.store.fingerprint_hash if ctx else "none", "generator",
                             base_classes=[int(c) for c in base_classes], rows=int(len(labels_np)),
-                            classifier=classifier)
-        path = _cache_path(ctx, "analogy-generator", key, ".npz")
-        if path is not None and path.is_file():
-            with np.load(path) as data:
+                            inputs=AnalogyGenerator.input_digest(store_features, labels_np), classifier=classifier)
+        cache = ctx.cache if ctx is not None else None
+        hit = cache.load("analogy-generator", key) if cache is not None else None
+        if hit is not None:
+            import io
+
+            with np.load(io.BytesIO(hit[0])) as data:
                 self.generator = AnalogyGenerator.from_arrays(dict(data), device=self.device)
-            self.generator_info = {"cache": str(path), "classifier": classifier, "variant": gen.variant}
+            self.generator_info = {"cache": hit[1], "loaded": True, "classifier": classifier,
+                                   "variant": gen.variant}
             return
         quiet = ctx.quiet if ctx is not None else True
         if own is not None:
@@ -513,12 +568,12 @@ class AnalogyLogRegMethod(LogRegMethod):
         gen.fit(torch.as_tensor(store_features, dtype=torch.float32), fit_labels, weight, bias,
                 progress=not quiet)
         self.generator = gen
-        self.generator_info = {"cache": str(path) if path else None, "classifier": classifier,
-                               "variant": gen.variant}
-        if path is not None:
-            buf = __import__("io").BytesIO()
-            np.savez(buf, **gen.to_arrays())
-            _write_atomic(path, buf.getvalue())
+        where = None
+        if cache is not None:
+            where = cache.save("analogy-generator", key, _npz_bytes(gen.to_arrays()),
+                               {"hparams": gen.hparams(), "classifier": classifier})
+        self.generator_info = {"cache": where, "loaded": False, "classifier": classifier, "variant": gen.variant,
+                               "final_loss": [float(v) for v in gen.loss_history_[-1, 1:]]}
 
     def scores_many(self, runs, test_feats):
         import torch
@@ -537,8 +592,8 @@ class AnalogyLogRegMethod(LogRegMethod):
 class MatchingMethod(LowShotMethod):
     """Matching networks with full-context embeddings (lowshot.md 8; :class:`heads.matching.MatchingNetwork`).
 
-    ``prepare``: meta-training on episodes over all base classes (``episodes``, default 60,000), cached under
-    ``--out/cache``. Per run: the support set is ``per_class`` (100) random training rows of every setup base
+    ``prepare``: meta-training on episodes over all base classes (``episodes``, default 60,000), cached in the
+    store (:class:`HeadCache`). Per run: the support set is ``per_class`` (100) random training rows of every setup base
     class plus the novel examples tiled to ``per_class`` per class, encoded once; scores = log-probabilities over
     all classes (-inf for classes without support)."""
 
@@ -566,24 +621,34 @@ class MatchingMethod(LowShotMethod):
         ctx = self.context
         mn = MatchingNetwork(steps=o["steps"], fce=o["fce"], lr=o["mn_lr"], query_in_support=o["query_in_support"],
                              seed=seed, device=self.device)
+        from heads.analogy import AnalogyGenerator
+
         key = _sha256_json({"method": "matching", "fingerprint": ctx.store.fingerprint_hash if ctx else None,
                             "hparams": mn.hparams(), "episodes": o["episodes"], "rows": int(len(labels)),
+                            "inputs": AnalogyGenerator.input_digest(store_features, labels),
                             "base_classes": [int(c) for c in base_classes]})
-        path = _cache_path(ctx, "matching-network", key, ".pt")
+        cache = ctx.cache if ctx is not None else None
+        hit = cache.load("matching-network", key) if cache is not None else None
         d = int(store_features.shape[1])
-        if path is not None and path.is_file():
+        if hit is not None:
+            import io
+
             net = MatchingNet(d, o["steps"], o["fce"])
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            net.load_state_dict(torch.load(io.BytesIO(hit[0]), map_location="cpu", weights_only=True))
             mn.feat_dim, mn.net_ = d, net.to(self.device).eval()
-            self.info = {"cache": str(path)}
+            self.info = {"cache": hit[1], "loaded": True}
         else:
+            import io
+
             mn.meta_train(store_features, labels, episodes=o["episodes"], progress=not (ctx.quiet if ctx else True))
-            self.info = {"cache": str(path) if path else None,
-                         "final_loss": float(np.mean(mn.loss_history_[-100:])) if o["episodes"] else None}
-            if path is not None:
-                buf = __import__("io").BytesIO()
+            where = None
+            if cache is not None:
+                buf = io.BytesIO()
                 torch.save({k: v.cpu() for k, v in mn.net_.state_dict().items()}, buf)
-                _write_atomic(path, buf.getvalue())
+                where = cache.save("matching-network", key, buf.getvalue(),
+                                   {"hparams": mn.hparams(), "episodes": o["episodes"]})
+            self.info = {"cache": where, "loaded": False,
+                         "final_loss": float(np.mean(mn.loss_history_[-100:])) if o["episodes"] else None}
         self.mn = mn
 
     def scores(self, train_feats, train_labels, test_feats, n, experiment):
@@ -1277,6 +1342,7 @@ def _run_lowshot(cfg: LowShotConfig, echo: Callable[[str], None] | None = None) 
     t_load = time.perf_counter() - t_load
 
     runs_spec = [(e, n) for e in range(1, cfg.experiments + 1) for n in ns]
+    head_cache = HeadCache(store, out)
     novel_arr = np.asarray(novel, dtype=np.int64)
     records: list[dict] = []
     method_info: dict[str, dict] = {}
@@ -1290,7 +1356,8 @@ def _run_lowshot(cfg: LowShotConfig, echo: Callable[[str], None] | None = None) 
         name = getattr(method, "name", head_name)
         method.context = LowShotContext(store=store, out=out, setup=cfg.setup, num_classes=C,
                                         class_names=list(store.classes), seed=cfg.seed, device=cfg.device,
-                                        all_base_classes=protocol.classes.all_base, quiet=cfg.quiet)
+                                        all_base_classes=protocol.classes.all_base, quiet=cfg.quiet,
+                                        cache=head_cache)
         runs = []
         for e, n in runs_spec:
             sf = protocol.splitfiles[e - 1]
@@ -1351,7 +1418,8 @@ def _run_lowshot(cfg: LowShotConfig, echo: Callable[[str], None] | None = None) 
         "hparams": {"table_7_6": table, "given": {"lr": cfg.lr, "wd": cfg.wd,
                                                   "head_options": parse_head_options(cfg.head_options)}},
         "methods": method_info,
-        "notes": protocol.notes + ["95% CI: Student t over experiments (an extension; the paper reports means)"],
+        "notes": protocol.notes + head_cache.notes
+        + ["95% CI: Student t over experiments (an extension; the paper reports means)"],
         "seconds": {"total": time.perf_counter() - t_start, "load": t_load},
     }
     write_outputs(out, cfg, metrics, store, ns)

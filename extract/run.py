@@ -370,7 +370,10 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
     layout = Layout(n=len(source), dim=model.feature_dim, dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
                     compression=cfg.compression, shard_rows=cfg.shard_rows, maps_shape=maps_shape, views=cfg.views)
     fingerprint = fingerprint_for(cfg, source, spec, weights)
-    provenance = {"source": source.describe(), "config": {k: v for k, v in asdict(cfg).items() if k != "quiet"}}
+    config = {k: v for k, v in asdict(cfg).items() if k != "quiet"}
+    if cfg.checkpoint:   # absolute, so that readers elsewhere find the checkpoint (its sha256 is the fingerprint's)
+        config["checkpoint"] = os.path.abspath(cfg.checkpoint)
+    provenance = {"source": source.describe(), "config": config}
     if ckpt_info.get("classes") is not None:
         provenance["checkpoint_classes"] = list(ckpt_info["classes"])
     if ckpt_info.get("provenance"):

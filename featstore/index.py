@@ -35,7 +35,6 @@ from featstore.store import FeatureStore
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("ip", "l2")
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit
-_ZARR_CHUNK_BYTES = 64 << 20
 
 
 def _faiss():
@@ -319,21 +318,8 @@ def save_index(store_path: FeatureStore | str | os.PathLike, index: FeatureIndex
              "params": index.params, "built_from": built, "index_nbytes": nbytes, "rows_array": rows_array,
              "faiss_version": faiss.__version__}
 
-    def write(group, tmp):
-        chunk = int(max(1, min(blob.size, _ZARR_CHUNK_BYTES)))
-        arr = group.create_array(tmp, shape=blob.shape, dtype="uint8", chunks=(chunk,), compressors=None)
-        arr[:] = blob
-        arr.attrs.update(attrs)
-
-    had_lock = store._lock_fd is not None
     try:
-        if not had_lock:
-            store.acquire_lock()
-        try:
-            store._atomic_child("index", name, write)
-        finally:
-            if not had_lock:
-                store.release_lock()
+        store.write_blob("index", name, blob, attrs)
     finally:
         if opened:
             store.close()
@@ -347,9 +333,7 @@ def load_index(store: FeatureStore | str | os.PathLike, name: str = "default") -
     if name not in names:
         raise UserError(f"store {store.path} has no index {name!r} (it has: {', '.join(names) or 'none'}); build "
                         f"it with: featstore index {store.path} --name {name}")
-    arr = store.group["index"][name]
-    attrs = dict(arr.attrs)
-    blob = np.asarray(arr[:], dtype=np.uint8)
+    blob, attrs = store.read_blob("index", name)
     nbytes = int(attrs.get("index_nbytes", blob.size))
     try:
         index = faiss.deserialize_index(np.ascontiguousarray(blob[:nbytes]))

@@ -15,13 +15,15 @@ views         [V, N, D]                   optional extra augmented views
 splits/<s>    [k] int64                   sorted row indices of a named subset
 meta/<m>      [N]                         per-sample metadata (e.g. Omniglot drawer)
 index/<i>     [bytes] uint8 + attrs       a serialised FAISS index and the fingerprint it was built from
+cache/<c>     [bytes] uint8 + attrs       what a head trained once on this store's features (an analogy
+                                          generator, a matching network), under a content key
 ============  ==========================  ==========================================================
 
 Crash safety rests on three rules. (1) A new store is built in a hidden temporary folder and renamed into place, so
 a half-created store never appears under its name. (2) After creation no metadata file is rewritten: a chunk is
 written, then its ``done`` flag (one file per flag, so ranks never race on a shared file); "complete" is derived
-from the flags rather than stored, so finishing a store rewrites nothing. (3) Nodes added later (splits, indexes)
-are written under a temporary name and renamed into place. A kill -9 at any moment therefore leaves a store that
+from the flags rather than stored, so finishing a store rewrites nothing. (3) Nodes added later (splits, indexes,
+head caches) are written under a temporary name and renamed into place, under the writer lock. A kill -9 at any moment therefore leaves a store that
 resumes to the bit-identical result. One writer at a time is enforced with an advisory lock (released by the
 kernel when the writer dies); any number of readers may open the store and see only done chunks.
 """
@@ -36,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +54,7 @@ ATTR_KEY = "featstore"
 LOCK_NAME = ".featstore.lock"
 COMPRESSIONS = ("none", "lz4", "zstd")
 MAX_MAPS_CHUNK_BYTES = 32 << 20
+BLOB_CHUNK_BYTES = 64 << 20   # chunk size of byte nodes (indexes, head caches)
 
 
 def canonical_json(obj: Any) -> str:
@@ -320,18 +324,25 @@ class FeatureStore:
         group.create_group("index")
 
     # ------------------------------------------------------------------ locking
-    def acquire_lock(self) -> None:
-        """Take the single-writer lock (advisory flock; the kernel drops it if the writer dies)."""
+    def acquire_lock(self, wait: float = 0.0) -> None:
+        """Take the single-writer lock (advisory flock; the kernel drops it if the writer dies), waiting up to
+        ``wait`` seconds for another writer to finish."""
         if self._lock_fd is not None:
             return
         fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise UserError(f"store {self.path} is being written by another process (pid {holder}); wait for it "
-                            f"to finish or stop it") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"store {self.path} is being written by another process (pid {holder}); wait for "
+                                f"it to finish or stop it") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
@@ -466,6 +477,7 @@ class FeatureStore:
             "splits": {name: int(self.group["splits"][name].shape[0]) for name in self.split_names},
             "meta": self.meta_names,
             "indexes": self.index_names(),
+            "caches": self.blob_names("cache"),
             "fingerprint_hash": self.fingerprint_hash,
             "fingerprint": self.fingerprint,
             "provenance": self.provenance,
@@ -515,6 +527,16 @@ class FeatureStore:
         """Write node ``parent/name`` under a hidden name and rename it into place (replacing an old one)."""
         if not name or "/" in name or name.startswith("."):
             raise UserError(f"bad node name {name!r}")
+        if not (self.path / parent / "zarr.json").is_file():   # a group that stores of an older layout lack
+            tmp_group = self.path / f".{parent}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                zarr.open_group(str(tmp_group), mode="w")
+                os.rename(tmp_group, self.path / parent)
+            except OSError:
+                if not (self.path / parent / "zarr.json").is_file():
+                    raise
+            finally:
+                shutil.rmtree(tmp_group, ignore_errors=True)
         group = zarr.open_group(str(self.path / parent), mode="r+")
         tmp = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
@@ -534,6 +556,41 @@ class FeatureStore:
         finally:
             shutil.rmtree(self.path / parent / tmp, ignore_errors=True)
         self.group = zarr.open_group(str(self.path), mode="r+" if self.writable else "r")
+
+    def write_blob(self, parent: str, name: str, data: bytes | np.ndarray, attrs: dict, *,
+                   wait: float = 0.0) -> None:
+        """Store bytes as node ``parent/name`` (a uint8 array with ``attrs``), atomically, under the writer lock
+        (taken here unless this process holds it). UserError if another process still writes the store after
+        ``wait`` seconds."""
+        blob = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else \
+            np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+
+        def write(group, tmp):
+            chunk = int(max(1, min(blob.size, BLOB_CHUNK_BYTES)))
+            arr = group.create_array(tmp, shape=blob.shape, dtype="uint8", chunks=(chunk,), compressors=None)
+            arr[:] = blob
+            arr.attrs.update(attrs)
+
+        had_lock = self._lock_fd is not None
+        if not had_lock:
+            self.acquire_lock(wait)
+        try:
+            self._atomic_child(parent, name, write)
+        finally:
+            if not had_lock:
+                self.release_lock()
+
+    def read_blob(self, parent: str, name: str) -> tuple[np.ndarray, dict] | None:
+        """(uint8 bytes, attrs) of node ``parent/name``, or None when there is none."""
+        if name not in self.blob_names(parent):
+            return None
+        arr = self.group[parent][name]
+        return np.asarray(arr[:], dtype=np.uint8), dict(arr.attrs)
+
+    def blob_names(self, parent: str) -> list[str]:
+        if parent not in self.group:
+            return []
+        return sorted(name for name, _ in self.group[parent].arrays() if not name.startswith("."))
 
     # ------------------------------------------------------------------ reading
     def _array(self, name: str):
@@ -695,9 +752,7 @@ class FeatureStore:
         return problems
 
     def index_names(self) -> list[str]:
-        if "index" not in self.group:
-            return []
-        return sorted(name for name, _ in self.group["index"].arrays() if not name.startswith("."))
+        return self.blob_names("index")
 
 
 def _check_rows(rows: np.ndarray, n: int, what: str) -> None:

@@ -192,7 +192,7 @@ def test_perf_section_quick(tmp_path):
     assert not any((tmp_path / "work").iterdir())  # the temporary store was removed
 
 
-def test_base_memory_is_the_checkpoint_classifier(tmp_path):
+def test_base_memory_is_the_checkpoint_classifier(tmp_path, monkeypatch):
     """TANE's base memory: the backbone classifier rows of the base classes, matched by name (fsor.md 5.3)."""
     from bench.fsor import checkpoint_base_weights
     from extract.backbones import create_backbone, save_checkpoint, sha256_file
@@ -209,5 +209,11 @@ def test_base_memory_is_the_checkpoint_classifier(tmp_path):
     got = checkpoint_base_weights(store, np.array([0, 1, 2]), torch.device("cpu"))
     torch.testing.assert_close(got, weight[[2, 0, 1]])  # store classes a, b, c -> checkpoint rows 2, 0, 1
     assert checkpoint_base_weights(store, np.array([0, 3]), torch.device("cpu")) is None  # "d" was not trained on
+    # a path recorded relative to where extract ran is also looked for beside the store, whatever the cwd
+    rel = FeatureStore.create(tmp_path / "rel.zarr", Layout(n=8, dim=backbone.feature_dim, dtype="float32"),
+                              fingerprint={"checkpoint_sha256": sha256_file(ckpt)}, classes=["a", "b", "c", "d"],
+                              labels=labels, provenance={"config": {"checkpoint": "ckpt.pt"}})
+    monkeypatch.chdir(tmp_path.parent)
+    torch.testing.assert_close(checkpoint_base_weights(rel, np.array([1]), torch.device("cpu")), weight[[0]])
     ckpt.write_bytes(ckpt.read_bytes() + b"x")  # changed since extraction: never trusted
     assert checkpoint_base_weights(store, np.array([0, 1]), torch.device("cpu")) is None

@@ -102,10 +102,12 @@ def test_checkpoint_is_recorded(tmp_path):
     ckpt = tmp_path / "c.pt"
     torch.manual_seed(0)
     bb.save_checkpoint(ckpt, bb.create_backbone("conv4", small_input=True), classes=["a", "b"])
-    cli("--model", "conv4", "--checkpoint", ckpt, "--limit", 50, "--out", tmp_path / "s.zarr", check_rc=0)
+    relative = os.path.relpath(ckpt, ROOT)    # as typed by a user in the folder extract runs in
+    cli("--model", "conv4", "--checkpoint", relative, "--limit", 50, "--out", tmp_path / "s.zarr", check_rc=0)
     store = FeatureStore.open(tmp_path / "s.zarr")
     assert store.fingerprint["checkpoint_sha256"] == bb.sha256_file(ckpt)
     assert store.provenance["checkpoint_classes"] == ["a", "b"]
+    assert store.provenance["config"]["checkpoint"] == str(ckpt)   # recorded absolute: found from anywhere
 
 
 def test_append_with_another_fingerprint_is_refused(tmp_path):

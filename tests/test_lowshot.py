@@ -1,5 +1,6 @@
 """bench lowshot: the protocol (classes, sample subsets, split files), metrics, refusals and the command end to end."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -309,9 +310,10 @@ def test_topk_hits_agree_with_bench_metrics():
     assert hits[0].mean() == pytest.approx(ref[1]) and hits[1].mean() == pytest.approx(ref[5])
 
 
-def test_analogy_and_matching_heads_plug_in(store, tmp_path):
+def test_analogy_and_matching_heads_plug_in(tmp_path, monkeypatch):
     """The generation ("analogy", logreg on real + hallucinated rows) and matching-network heads run through the
-    protocol (tiny settings), cache what prepare trained, and reuse it."""
+    protocol (tiny settings), cache what prepare trained in the store, and reuse it from any results folder."""
+    store = make_store(tmp_path / "s.zarr")
     pytest.importorskip("heads.analogy")
     pytest.importorskip("heads.matching")
     opts = ("generator_iterations=30", "clusters_per_class=3", "classifier_iterations=30", "max_per_label=5",
@@ -321,12 +323,32 @@ def test_analogy_and_matching_heads_plug_in(store, tmp_path):
     m = ls.run_lowshot(cfg)
     assert set(m["summary"]) == {"analogy", "matching"}
     assert m["methods"]["analogy"]["hparams"]["max_per_label"] == 5
-    caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(caches) == 2 and caches[0].startswith("analogy-generator-")
-    m2 = ls.run_lowshot(cfg)
-    assert m2["methods"]["analogy"]["hparams"]["generator"]["cache"].endswith(".npz")
+    caches = FeatureStore.open(store.path).blob_names("cache")      # kept in the store, not in --out
+    assert len(caches) == 2 and caches[0].startswith("analogy-generator-") and not (tmp_path / "cache").exists()
+    # a second results folder reuses them, with the same numbers
+    m2 = ls.run_lowshot(dataclasses.replace(cfg, out=str(tmp_path / "again")))
+    assert m2["methods"]["analogy"]["hparams"]["generator"]["loaded"] is True
+    assert "cache/analogy-generator-" in m2["methods"]["analogy"]["hparams"]["generator"]["cache"]
+    assert m2["methods"]["matching"]["hparams"]["loaded"] is True
     assert m2["summary"]["matching"]["n=1"]["novel_top5"]["values"] == \
         m["summary"]["matching"]["n=1"]["novel_top5"]["values"]
+    assert m2["summary"]["analogy"]["n=1"]["novel_top5"]["values"] == \
+        m["summary"]["analogy"]["n=1"]["novel_top5"]["values"]
+    # other training rows (same count) are another key: trained again, never a stale reuse
+    other = dataclasses.replace(cfg, out=str(tmp_path / "other"), train_rule="drawer>=5", test_rule="drawer<=4")
+    m3 = ls.run_lowshot(other)
+    assert m3["methods"]["analogy"]["hparams"]["generator"]["loaded"] is False
+    # while another process writes the store, the cache goes to --out/cache (and says so)
+    holder = FeatureStore.open(store.path)
+    holder.acquire_lock()
+    try:
+        monkeypatch.setattr(ls, "CACHE_LOCK_WAIT", 0.1)
+        busy = dataclasses.replace(cfg, out=str(tmp_path / "busy"), head_options=opts + ("episodes=11",))
+        m4 = ls.run_lowshot(busy)
+    finally:
+        holder.release_lock()
+    assert m4["methods"]["matching"]["hparams"]["cache"].startswith(str(tmp_path / "busy" / "cache"))
+    assert any("not cached in the store" in note for note in m4["notes"])
     with pytest.raises(UserError, match="--head-option bogus"):
         ls.run_lowshot(cfg_for(store, tmp_path, heads=("logreg",), head_options=("bogus=1",)))
 

@@ -484,7 +484,8 @@ class AnalogyLogRegMethod(LogRegMethod):
     fallback of 6.2 (linear with bias, SGD lr 0.1, momentum 0.9, wd 1e-4, batch 1000, ``classifier_iterations``).
     Cached in the store (:class:`HeadCache`) under a hash of the store fingerprint, the training rows' features and
     labels, the base classes, the classifier and the hyper-parameters.
-    Per run: every novel class with m < ``max_per_label`` examples gets max_per_label - m generated ones (seeded
+    The generator's lr drops by 10 after a third and two thirds of ``generator_iterations`` (the original's 40k and
+    80k of 120k). Per run: every novel class with m < ``max_per_label`` examples gets max_per_label - m generated ones (seeded
     by the run), and the logreg head trains on real + generated rows. Defaults (lr, wd, max_per_label,
     generator lr) from table 7.6, "with generation".
     """
@@ -521,6 +522,7 @@ class AnalogyLogRegMethod(LogRegMethod):
         ctx = self.context
         gen = AnalogyGenerator(clusters_per_class=go["clusters_per_class"], kmeans=go["kmeans"],
                                iterations=go["generator_iterations"], lr=go["generator_lr"], seed=seed,
+                               lr_steps=(go["generator_iterations"] // 3, 2 * go["generator_iterations"] // 3),
                                device=self.device)
         labels_np = np.asarray(labels).astype(np.int64)
         own = checkpoint_classifier(ctx.store) if ctx is not None else None
@@ -592,10 +594,12 @@ class AnalogyLogRegMethod(LogRegMethod):
 class MatchingMethod(LowShotMethod):
     """Matching networks with full-context embeddings (lowshot.md 8; :class:`heads.matching.MatchingNetwork`).
 
-    ``prepare``: meta-training on episodes over all base classes (``episodes``, default 60,000), cached in the
-    store (:class:`HeadCache`). Per run: the support set is ``per_class`` (100) random training rows of every setup base
-    class plus the novel examples tiled to ``per_class`` per class, encoded once; scores = log-probabilities over
-    all classes (-inf for classes without support)."""
+    ``prepare``: meta-training on episodes over all base classes (``episodes``, default 60,000; lr / 10 after a third
+    and two thirds of them, the original's 20k and 40k of 60k), cached in the store (:class:`HeadCache`). Per run:
+    the support set is ``per_class`` (100) random training rows of every setup base class (all of them where a class
+    has fewer) plus the novel examples tiled as a block to as many items per class as the base classes have
+    (:func:`heads.matching.lowshot_support`), encoded once; scores = log-probabilities over all classes (-inf for
+    classes without support)."""
 
     @classmethod
     def defaults(cls, table: dict) -> dict:
@@ -619,9 +623,12 @@ class MatchingMethod(LowShotMethod):
 
         o = self.options
         ctx = self.context
-        mn = MatchingNetwork(steps=o["steps"], fce=o["fce"], lr=o["mn_lr"], query_in_support=o["query_in_support"],
-                             seed=seed, device=self.device)
         from heads.analogy import AnalogyGenerator
+
+        # the original divides lr by 10 after 20,000 and 40,000 of its 60,000 episodes: a third and two thirds of
+        # training, kept as fractions when --head-option episodes=... shortens it
+        mn = MatchingNetwork(steps=o["steps"], fce=o["fce"], lr=o["mn_lr"], query_in_support=o["query_in_support"],
+                             lr_steps=(o["episodes"] // 3, 2 * o["episodes"] // 3), seed=seed, device=self.device)
 
         key = _sha256_json({"method": "matching", "fingerprint": ctx.store.fingerprint_hash if ctx else None,
                             "hparams": mn.hparams(), "episodes": o["episodes"], "rows": int(len(labels)),
@@ -636,7 +643,7 @@ class MatchingMethod(LowShotMethod):
             net = MatchingNet(d, o["steps"], o["fce"])
             net.load_state_dict(torch.load(io.BytesIO(hit[0]), map_location="cpu", weights_only=True))
             mn.feat_dim, mn.net_ = d, net.to(self.device).eval()
-            self.info = {"cache": hit[1], "loaded": True}
+            self.info = {"cache": hit[1], "loaded": True, "lr_steps": list(mn.lr_steps)}
         else:
             import io
 
@@ -647,7 +654,8 @@ class MatchingMethod(LowShotMethod):
                 torch.save({k: v.cpu() for k, v in mn.net_.state_dict().items()}, buf)
                 where = cache.save("matching-network", key, buf.getvalue(),
                                    {"hparams": mn.hparams(), "episodes": o["episodes"]})
-            self.info = {"cache": where, "loaded": False,
+            self.info = {"cache": where, "loaded": False, "lr_steps": list(mn.lr_steps),
+                         "first_loss": float(np.mean(mn.loss_history_[:100])) if o["episodes"] else None,
                          "final_loss": float(np.mean(mn.loss_history_[-100:])) if o["episodes"] else None}
         self.mn = mn
 

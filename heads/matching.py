@@ -22,7 +22,8 @@ and 40k.
 
 Testing (:meth:`MatchingNetwork.fit` + :meth:`MatchingNetwork.logits`): the whole support set is encoded once;
 queries are scored in batches. :func:`lowshot_support` builds the benchmark's support set: ``per_class`` (100)
-random train rows of every base class, then all novel examples tiled ceil(per_class / n) times as a block.
+random train rows of every base class, then all novel examples tiled as a block to as many items per class as the
+base classes hold (ceil(100 / n) copies on ImageNet).
 """
 
 from __future__ import annotations
@@ -110,8 +111,12 @@ def lowshot_support(base_features: Any, base_labels: Any, novel_features: Any, n
     """The benchmark's test-time support set (section 8): for every base class in sorted label order,
     ``per_class`` train rows drawn without replacement and kept in row order (all of them, when a class has
     fewer); then the novel examples, in the order given (the benchmark passes them sorted by row index), tiled
-    ceil(per_class / n) times as one block, n = the number of examples per novel class (the smallest count
-    when they differ). Returns (features [s, d], labels [s]) on the features' device."""
+    ceil(T / n) times as one block, n = the number of examples per novel class (the smallest count when they
+    differ) and T = the fewest items a base class got, at most ``per_class``. On ImageNet (about 1,300 rows per
+    base class) T = per_class = 100, the paper's setting, where every class holds 100 items; on a data set with
+    fewer rows per base class (Omniglot: 16) the novel classes are tiled to the same T, so that the summed
+    attention does not favour them by their number of copies. Returns (features [s, d], labels [s]) on the
+    features' device."""
     bl = np.asarray(base_labels.cpu() if isinstance(base_labels, torch.Tensor) else base_labels).reshape(-1)
     nl = np.asarray(novel_labels.cpu() if isinstance(novel_labels, torch.Tensor) else novel_labels).reshape(-1)
     bf, nf = as_tensor(base_features), as_tensor(novel_features)
@@ -120,12 +125,13 @@ def lowshot_support(base_features: Any, base_labels: Any, novel_features: Any, n
     for lab in np.unique(bl):
         idx = np.flatnonzero(bl == lab)
         rows.append(np.sort(rng.choice(idx, per_class, replace=False)) if idx.size > per_class else idx)
+    target = min([len(r) for r in rows] + [per_class])
     rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     feats = [bf[torch.as_tensor(rows, device=bf.device)]]
     labels = [torch.as_tensor(bl[rows], dtype=torch.int64)]
     if nl.size:
         n = int(np.unique(nl, return_counts=True)[1].min())
-        reps = math.ceil(per_class / n)
+        reps = math.ceil(target / n)
         feats.append(nf.to(bf.device).repeat(reps, 1))
         labels.append(torch.as_tensor(np.tile(nl, reps), dtype=torch.int64))
     return torch.cat(feats), torch.cat(labels).to(bf.device)

@@ -160,12 +160,19 @@ def test_lowshot_support_layout():
     base_x[:, 0] = np.arange(base_y.size)  # row ids, to check the row order
     novel_y = np.array([1, 1, 1, 2, 2, 2])
     novel_x = rng.standard_normal((6, 4)).astype(np.float32)
+    # every base class has 100 or more rows (ImageNet): 100 each, novel tiled ceil(100 / 3) = 34x as a block
+    many = base_y < 4
+    feats, labels = lowshot_support(base_x[many], base_y[many], novel_x, novel_y, per_class=100, seed=0)
+    counts = {int(c): int((labels == c).sum()) for c in labels.unique()}
+    assert counts == {0: 100, 3: 100, 1: 102, 2: 102}
+    base_part = feats[:200, 0].numpy()
+    assert np.all(np.diff(base_part[:100]) > 0) and np.all(np.diff(base_part[100:200]) > 0)
+    torch.testing.assert_close(feats[200:], torch.from_numpy(np.tile(novel_x, (34, 1))))  # tiled as a block
+    assert labels[200:].tolist() == np.tile(novel_y, 34).tolist()
+    # a base class with fewer rows keeps all 80, and the novel classes are tiled to 80 too: ceil(80 / 3) = 27x
     feats, labels = lowshot_support(base_x, base_y, novel_x, novel_y, per_class=100, seed=0)
     counts = {int(c): int((labels == c).sum()) for c in labels.unique()}
-    assert counts == {0: 100, 3: 100, 4: 80, 1: 102, 2: 102}  # all 80 of class 4; novel tiled ceil(100/3) = 34x
-    base_part = feats[:280, 0].numpy()
-    assert np.all(np.diff(base_part[:100]) > 0) and np.all(np.diff(base_part[100:200]) > 0)
-    torch.testing.assert_close(feats[280:], torch.from_numpy(np.tile(novel_x, (34, 1))))  # tiled as a block
-    assert labels[280:].tolist() == np.tile(novel_y, 34).tolist()
+    assert counts == {0: 100, 3: 100, 4: 80, 1: 81, 2: 81}
+    torch.testing.assert_close(feats[280:], torch.from_numpy(np.tile(novel_x, (27, 1))))
     head = MatchingNetwork(steps=1).fit_lowshot(base_x, base_y, novel_x, novel_y, n_classes=5)
     assert head.logits(novel_x).shape == (6, 5)

@@ -567,8 +567,12 @@ class AnalogyLogRegMethod(LogRegMethod):
             clf.fit(store_features, labels_np)
             weight, bias = clf.weight_[0].cpu().numpy(), clf.bias_[0].cpu().numpy()
             fit_labels = labels_np
-        gen.fit(torch.as_tensor(store_features, dtype=torch.float32), fit_labels, weight, bias,
-                progress=not quiet)
+        try:
+            gen.fit(torch.as_tensor(store_features, dtype=torch.float32), fit_labels, weight, bias,
+                    progress=not quiet)
+        except ValueError as exc:
+            raise UserError(f"head 'analogy': {exc}; try --head-option analogy.generator_lr="
+                            f"{go['generator_lr'] / 10:g}") from None
         self.generator = gen
         where = None
         if cache is not None:

@@ -576,6 +576,20 @@ class AnalogyGenerator:
             rep.close()
         self.net_ = net.eval()
         self.loss_history_ = np.asarray(history, dtype=np.float64).reshape(-1, 4)
+        self._check_alive(perm_t[:2048], table)
+
+    @torch.no_grad()
+    def _check_alive(self, sample: torch.Tensor, table: torch.Tensor) -> None:
+        """Refuse a generator that diverged or died: non-finite weights, or all-zero outputs (every unit of the last
+        ReLU dead, which a too-large lr for the features' scale leaves behind); it would hallucinate zero vectors
+        labelled as novel examples."""
+        if not all(torch.isfinite(p).all() for p in self.net_.parameters()):
+            raise ValueError(f"the analogy generator diverged (non-finite weights) with lr {self.hp.lr:g}; lower lr")
+        out = self.net_(table[sample[:, 0]], table[sample[:, 2]], table[sample[:, 3]])
+        if sample.shape[0] and float((out == 0).all(dim=1).float().mean()) > 0.99:
+            raise ValueError(f"the analogy generator collapsed: it outputs all-zero features (dead ReLUs after "
+                             f"training with lr {self.hp.lr:g}; features of norm "
+                             f"{float(table.norm(dim=1).mean()):.3g} need a smaller lr)")
 
     # -- generation (6.7) ----------------------------------------------------------------------------------
     def _check_fitted(self) -> None:

@@ -225,6 +225,14 @@ def test_lr_schedule_and_classifier_checks(base_data):
     assert np.isfinite(g.loss_history_).all()
 
 
+def test_a_generator_that_died_is_refused(base_data):
+    """Features of norm ~300 with lr 10: the generator's ReLUs die and it would hallucinate zero vectors."""
+    x, y, w, b = base_data
+    with pytest.raises(ValueError, match="collapsed|diverged"):
+        AnalogyGenerator(clusters_per_class=4, hidden=32, iterations=200, batch=16, lr=10.0, seed=0).fit(
+            30 * x, y, w, b)
+
+
 def test_fit_is_deterministic(base_data, small_gen):
     x, y, w, b = base_data
     again = AnalogyGenerator(**SMALL, seed=3).fit(x, y, w, b)

@@ -700,6 +700,7 @@ class LowShotConfig:
     share_base_batches: bool = True
     precision: str = "fp32"
     max_problems: int | None = None
+    max_per_label: int | None = None
     head_options: tuple[str, ...] = ()
     device: str = "cpu"
     threads: int | None = None
@@ -1226,6 +1227,8 @@ def method_options(cfg: LowShotConfig, method_cls: type, table: dict, name: str 
         opts["lr"] = cfg.lr
     if cfg.wd is not None:
         opts["wd"] = cfg.wd
+    if cfg.max_per_label is not None:
+        opts["max_per_label"] = cfg.max_per_label
     for key, value in parse_head_options(cfg.head_options).items():
         head, dot, option = key.rpartition(".")
         if not dot:
@@ -1269,6 +1272,8 @@ def _validate(cfg: LowShotConfig) -> list[int]:
         raise UserError(f"--precision must be fp32 or bf16, not {cfg.precision!r}")
     if not cfg.heads:
         raise UserError("give at least one --head")
+    if cfg.max_per_label is not None and cfg.max_per_label < 0:
+        raise UserError(f"--max-per-label must be 0 (no generation) or more, not {cfg.max_per_label}")
     if cfg.max_problems is not None and cfg.max_problems < 1:
         raise UserError("--max-problems must be at least 1")
     if cfg.threads is not None and cfg.threads < 1:
@@ -1600,16 +1605,20 @@ def write_outputs(out: Path, cfg: LowShotConfig, metrics: dict, store, ns: Seque
 @click.option("--head-option", "head_options", multiple=True,
               help="KEY=VALUE for the heads' constructors, HEAD.KEY=VALUE for one head only; repeatable "
                    "(e.g. max_per_label=5, matching.episodes=2000).")
+@click.option("--max-per-label", type=int, default=None,
+              help="Generation heads (analogy): pad every novel class to this many examples [default: table 7.6 "
+                   "for the representation: 20 baseline, 5 SGM].")
 @click.option("--max-problems", type=int, default=None, help="Classifiers trained together at most [default: all].")
 @click.option("--allow-seen-novel", is_flag=True, help="Allow novel classes the backbone was trained on.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--threads", type=int, default=None,
-              help="CPU threads for torch [default: torch's]; 1 is often fastest for small stores on a busy machine.")
+              help="CPU threads for torch, numpy's BLAS and FAISS [default: theirs]; 1 is often fastest for small "
+                   "stores on a busy machine.")
 @click.option("--quiet", is_flag=True, help="No progress bar or messages.")
 def lowshot_command(store, n_spec, heads, experiments, setup, train_split, test_split, train_rule, test_rule,
                     test_fraction, test_store, label_idx, base_classes, novel_classes, splitfile_dir, out, seed,
                     iterations, batch_size, lr, wd, momentum, dampening, solver, precision, independent_base_batches,
-                    head_options, max_problems, allow_seen_novel, device, threads, quiet) -> None:
+                    head_options, max_per_label, max_problems, allow_seen_novel, device, threads, quiet) -> None:
     """The low-shot benchmark of Hariharan & Girshick (ICCV 2017) on a feature store: every head, experiment and n
     in one process; top-1 / top-5 on novel, base and all classes with 95% CIs."""
     cfg = LowShotConfig(store=store, out=out, heads=tuple(heads), n=n_spec, experiments=experiments, setup=setup,
@@ -1619,6 +1628,7 @@ def lowshot_command(store, n_spec, heads, experiments, setup, train_split, test_
                         splitfile_dir=splitfile_dir, seed=seed, iterations=iterations, batch_size=batch_size,
                         lr=lr, wd=wd, momentum=momentum, dampening=dampening, solver=solver, precision=precision,
                         share_base_batches=not independent_base_batches, max_problems=max_problems,
+                        max_per_label=max_per_label,
                         head_options=tuple(head_options),
                         device=device, threads=threads, allow_seen_novel=allow_seen_novel, quiet=quiet)
     echo = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))

@@ -364,3 +364,8 @@ def test_head_options_scoped_to_one_head():
     assert matching["episodes"] == 9 and "generator_iterations" not in matching
     with pytest.raises(UserError, match="KEY=VALUE"):
         ls.parse_head_options(["analogy.=3"])
+    # --max-per-label overrides table 7.6's value for the generation head
+    assert analogy["max_per_label"] == 20
+    padded = ls.method_options(dataclasses.replace(cfg, max_per_label=5), ls.resolve_method("analogy"), table,
+                               "analogy")
+    assert padded["max_per_label"] == 5 and ls.make_method("analogy", padded).generator_options["max_per_label"] == 5

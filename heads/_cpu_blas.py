@@ -77,11 +77,9 @@ class Products:
         """Rows in the dtype of the products (callers convert constant inputs once)."""
         return x if self.low is None or x.dtype == self.low else x.to(self.low)
 
-    def softmax_of_linear(self, x: torch.Tensor, Wl: torch.Tensor, bias: torch.Tensor, groups: int = 1
-                          ) -> torch.Tensor:
-        """softmax(x @ Wl^T + bias) over groups of C = Wl.shape[-2] // groups logits: x [..., r, d], Wl [..., G * C,
-        d] (from :meth:`weights`), bias broadcast to the logits [..., r, G * C]. Returns [..., r, G, C] in the
-        buffer "softmax" (valid until the next call)."""
+    def linear(self, x: torch.Tensor, Wl: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``x @ Wl^T + bias``: x [..., r, d], Wl [..., C, d] (from :meth:`weights`), bias broadcast to the result
+        [..., r, C], float32, in the buffer "logits" (valid until the next call; callers may change it in place)."""
         shape = (*x.shape[:-1], Wl.shape[-2])
         z = self.buffer("logits", shape)
         if self.numpy:
@@ -94,6 +92,15 @@ class Products:
                 torch.baddbmm(bias, x, Wl.transpose(-1, -2), out=z)
         else:
             z.copy_(torch.matmul(self.rows(x), Wl.transpose(-1, -2))).add_(bias)
+        return z
+
+    def softmax_of_linear(self, x: torch.Tensor, Wl: torch.Tensor, bias: torch.Tensor, groups: int = 1
+                          ) -> torch.Tensor:
+        """softmax(x @ Wl^T + bias) over groups of C = Wl.shape[-2] // groups logits: x [..., r, d], Wl [..., G * C,
+        d] (from :meth:`weights`), bias broadcast to the logits [..., r, G * C]. Returns [..., r, G, C] in the
+        buffer "softmax" (valid until the next call)."""
+        z = self.linear(x, Wl, bias)
+        shape = z.shape
         grouped = (*shape[:-1], groups, shape[-1] // groups)
         return torch._softmax(z.view(grouped), -1, False, out=self.buffer("softmax", grouped))
 

@@ -369,8 +369,9 @@ class LowShotLogReg(Head):
             bufb[q].mul_(beta).add_(g.sum(1), alpha=alpha)
 
     # ------------------------------------------------------------------------------------------------ L-BFGS
-    def _full_objective(self, W, b, xb, yb, novel, nb, nv):
-        """Expected SGD objective (module doc) summed over problems; returns loss and fills W.grad / b.grad."""
+    def _full_objective(self, mm, W, b, xb, yb, novel, nb, nv):
+        """Expected SGD objective (module doc) summed over problems: (loss, dL/dW, dL/db); ``mm`` the
+        :class:`Products` of the products."""
         P, C, d = W.shape
         B = float(self.batch_size)
         gW = torch.zeros_like(W)
@@ -382,27 +383,27 @@ class LowShotLogReg(Head):
             for lo in range(0, len(yb), self.block_rows):
                 x, y = xb[lo:lo + self.block_rows], yb[lo:lo + self.block_rows]
                 r = len(y)
-                z = torch.addmm(b.view(1, -1), x, Wf.t()).view(r, P, C)
+                z = mm.linear(x, Wf, b.view(1, -1)).view(r, P, C)
                 lse = torch.logsumexp(z, dim=2, keepdim=True)
                 ar = torch.arange(r, device=W.device)
                 total += (lse[:, :, 0] - z[ar, :, y]).sum(dtype=torch.float64) * scale
                 g = torch.exp_(z.sub_(lse))
                 g[ar, :, y] -= 1.0
                 g.mul_(scale)
-                gW += (g.view(r, P * C).t() @ x).view(P, C, d)
+                mm.accumulate(gW.view(P * C, d), g.view(r, P * C), x, 1.0, 1.0)
                 gb += g.sum(0)
         if nv:
             for p, (fx, fy) in enumerate(novel):
                 scale = (nv / B) / len(fy)
                 for lo in range(0, len(fy), self.block_rows):
                     x, y = fx[lo:lo + self.block_rows], fy[lo:lo + self.block_rows]
-                    z = torch.addmm(b[p], x, W[p].t())
+                    z = mm.linear(x, W[p], b[p].view(1, -1))
                     lse = torch.logsumexp(z, dim=1, keepdim=True)
                     total += (lse[:, 0] - z.gather(1, y[:, None])[:, 0]).sum(dtype=torch.float64) * scale
                     g = torch.exp_(z.sub_(lse))
                     g[torch.arange(len(y), device=W.device), y] -= 1.0
                     g.mul_(scale)
-                    gW[p] += g.t() @ x
+                    mm.accumulate(gW[p], g, x, 1.0, 1.0)
                     gb[p] += g.sum(0)
         if self.wd:
             total += 0.5 * self.wd * (W.double().pow(2).sum() + b.double().pow(2).sum())
@@ -412,6 +413,8 @@ class LowShotLogReg(Head):
 
     def _lbfgs(self, xb, yb, novel, C, nb, nv, progress):
         P, d = len(novel), xb.shape[1]
+        mm = Products(self.device, "fp32", self.gemm)
+        self.gemm_ = mm.name
         W = torch.zeros(P, C, d, device=self.device, requires_grad=True)
         b = torch.zeros(P, C, device=self.device, requires_grad=True)
         opt = torch.optim.LBFGS([W, b], lr=1, max_iter=self.lbfgs_iterations, history_size=20,
@@ -421,7 +424,7 @@ class LowShotLogReg(Head):
 
         def closure():
             with torch.no_grad():
-                loss, gW, gb = self._full_objective(W.detach(), b.detach(), xb, yb, novel, nb, nv)
+                loss, gW, gb = self._full_objective(mm, W.detach(), b.detach(), xb, yb, novel, nb, nv)
             W.grad, b.grad = gW, gb
             evals[0] += 1
             return loss.float()

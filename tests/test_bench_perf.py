@@ -114,7 +114,8 @@ def test_bench_perf_bad_section_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("name", [pytest.param("extract", marks=pytest.mark.slow),
-                                  pytest.param("train", marks=pytest.mark.slow), "fsor-meta"])
+                                  pytest.param("train", marks=pytest.mark.slow),
+                                  pytest.param("lowshot", marks=pytest.mark.slow), "fsor-meta"])
 def test_model_sections_quick(name, tmp_path):
     """The sections that time a backbone run end to end on tiny sizes and return one row per figure."""
     from bench.perf import PerfArgs, load_sections

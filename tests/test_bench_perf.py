@@ -123,6 +123,5 @@ def test_model_sections_quick(name, tmp_path):
     args = PerfArgs(sections=(name,), quick=True, workdir=str(tmp_path), threads=1)
     rows = load_sections()[name](args)
     assert rows and all(r["section"] == name and r["value"] >= 0 for r in rows)
-    assert all(r["ratio"] > 0 for r in rows if r["ratio"] is not None or r["unit"] == "s" and r["reference"])
-    assert any(r["ratio"] is not None and r["target"] is not None for r in rows)
+    assert all(r["ratio"] > 0 for r in rows if r["reference"] is not None)   # every comparison has its ratio
     assert all(r["passed"] is None for r in rows)  # --quick figures are never judged against a target

@@ -1809,6 +1809,54 @@ def synthetic_lowshot_store(path: Path, *, classes: int = 100, train_per_class: 
     return FeatureStore.open(path)
 
 
+def _loop_against_bare_products(section: str, make_row: Callable, quick: bool, protocol, num_classes: int,
+                                dim: int, ns: Sequence[int], experiments: int, iterations: int, seconds: float,
+                                threads: int = 1) -> dict:
+    """``bench perf`` row: the flop rate of the batched SGD loop (``seconds`` for ``iterations`` of the
+    experiments x ns classifiers of the test setup) against the bare products of its base step, timed here.
+
+    Counted are the flops the maths needs: per iteration the logits and the weight gradient (2 x 2 r d C each) of
+    the shared base rows for all classifiers, and of min(novel pool, novel rows of a batch) rows per classifier
+    (pools no larger than a batch's novel rows are used whole, weighted by multiplicity); the softmax, the loss and
+    the updates are not counted, so the ratio is the share of the loop's time the products at the bare speed would
+    take."""
+    import torch
+
+    from bench.perf import thread_limits
+    from heads._cpu_blas import Products
+    from heads.logreg import base_rows_per_batch
+
+    base, novel = protocol.classes.base_2, protocol.classes.novel_2
+    P, C, batch = experiments * len(ns), num_classes, 1000
+    nb = base_rows_per_batch(batch, len(base), len(novel))
+    nv = batch - nb
+    novel_rows = experiments * sum(min(len(novel) * n, nv) for n in ns)   # all classifiers together
+    loop_flops = 4 * dim * C * (nb * P + novel_rows) * iterations
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(nb, dim, generator=gen)
+    W = torch.randn(P * C, dim, generator=gen) / math.sqrt(dim)
+    bias = torch.zeros(1, P * C)
+    acc = torch.zeros(P * C, dim)
+    reps = 3 if quick else 30
+    with thread_limits(threads):
+        mm = Products("cpu", "fp32")
+        z = mm.linear(x, W, bias)   # warm-up: allocates the buffers
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            z = mm.linear(x, W, bias)
+            mm.accumulate(acc, z, x, 0.9, 1e-3)
+        t_bare = time.perf_counter() - t0
+    bare_rate = 4 * nb * dim * P * C * reps / t_bare / 1e9
+    loop_rate = loop_flops / seconds / 1e9
+    return make_row(section, f"bench lowshot SGD loop, {iterations:,} iterations: flop rate of its products",
+                    loop_rate, unit="GFLOP/s", reference=bare_rate,
+                    reference_name=f"bare {mm.name} products of its base step ([{nb}, {dim}] x [{dim}, {P * C}] "
+                                   f"and its gradient), {reps} repetitions", ratio=loop_rate / bare_rate,
+                    ratio_is="loop / bare products", quick=quick,
+                    note="context: counts the logits and weight gradients the maths needs (shared base rows, "
+                         "novel pools used whole when smaller than a batch); softmax, loss and updates uncounted")
+
+
 def perf_lowshot_section(args) -> list[dict]:
     """``bench perf`` section: the 25 logreg runs (5 experiments x n in 1, 2, 5, 10, 20) done as the original
     scripts do them (one process per run, each re-reading an HDF5 export of the store) against ``bench lowshot``
@@ -1950,6 +1998,8 @@ def perf_lowshot_section(args) -> list[dict]:
                              note=f"context: per classifier-iteration {1000 * per_it_orig:.2f} ms original vs "
                                   f"{1000 * long['methods']['logreg']['seconds'] / long_iters / 25:.2f} ms "
                                   f"batched; the original's fixed cost is {fixed_orig:.1f} s a process"))
+        rows.append(_loop_against_bare_products(S, make_row, q, protocol, len(store.classes), dim, ns, experiments,
+                                                long_iters, long["methods"]["logreg"]["seconds"], threads))
 
         # ---- the faster solver: L-BFGS on the objective SGD iterates around, against SGD at the paper's length
         if not q:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
@@ -117,16 +118,14 @@ def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _file_sha256(path: Path) -> str:
+    from featstore.hdf5io import file_sha256   # here: featstore.store would put zarr into every CLI start
+
+    return file_sha256(path)
+
+
 def _sha256_rows(rows: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(rows, dtype="<i8").tobytes()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes | str) -> None:
@@ -440,8 +439,6 @@ class HeadCache:
 
 
 def _npz_bytes(arrays: dict) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -485,8 +482,8 @@ class AnalogyLogRegMethod(LogRegMethod):
     Cached in the store (:class:`HeadCache`) under a hash of the store fingerprint, the training rows' features and
     labels, the base classes, the classifier and the hyper-parameters.
     The generator's lr drops by 10 after a third and two thirds of ``generator_iterations`` (the original's 40k and
-    80k of 120k). Per run: every novel class with m < ``max_per_label`` examples gets max_per_label - m generated ones (seeded
-    by the run), and the logreg head trains on real + generated rows. Defaults (lr, wd, max_per_label,
+    80k of 120k). Per run: every novel class with m < ``max_per_label`` examples gets max_per_label - m generated
+    ones (seeded by the run), and the logreg head trains on real + generated rows. Defaults (lr, wd, max_per_label,
     generator lr) from table 7.6, "with generation".
     """
 
@@ -542,8 +539,6 @@ class AnalogyLogRegMethod(LogRegMethod):
         cache = ctx.cache if ctx is not None else None
         hit = cache.load("analogy-generator", key) if cache is not None else None
         if hit is not None:
-            import io
-
             with np.load(io.BytesIO(hit[0])) as data:
                 self.generator = AnalogyGenerator.from_arrays(dict(data), device=self.device)
             self.generator_info = {"cache": hit[1], "loaded": True, "classifier": classifier,
@@ -642,15 +637,11 @@ class MatchingMethod(LowShotMethod):
         hit = cache.load("matching-network", key) if cache is not None else None
         d = int(store_features.shape[1])
         if hit is not None:
-            import io
-
             net = MatchingNet(d, o["steps"], o["fce"])
             net.load_state_dict(torch.load(io.BytesIO(hit[0]), map_location="cpu", weights_only=True))
             mn.feat_dim, mn.net_ = d, net.to(self.device).eval()
             self.info = {"cache": hit[1], "loaded": True, "lr_steps": list(mn.lr_steps)}
         else:
-            import io
-
             mn.meta_train(store_features, labels, episodes=o["episodes"], progress=not (ctx.quiet if ctx else True))
             where = None
             if cache is not None:
@@ -1345,7 +1336,7 @@ def _run_lowshot(cfg: LowShotConfig, echo: Callable[[str], None] | None = None) 
     test_rows = protocol.test_rows[np.isin(test_store.labels[protocol.test_rows], setup_classes)]
     if not len(test_rows):
         raise UserError("no test images of the setup's classes in the test subset; check --test-split / "
-                        f"--test-rule")
+                        "--test-rule")
     x_test = X[test_rows] if test_store is store else test_store.load_features(test_rows, dtype="float32")
     y_test = test_store.labels[test_rows]
     n_test_novel = int(np.isin(y_test, novel).sum())

@@ -1801,10 +1801,11 @@ def synthetic_lowshot_store(path: Path, *, classes: int = 100, train_per_class: 
 
 
 def _loop_against_bare_products(section: str, make_row: Callable, quick: bool, protocol, num_classes: int,
-                                dim: int, ns: Sequence[int], experiments: int, iterations: int, seconds: float,
-                                threads: int = 1) -> dict:
-    """``bench perf`` row: the flop rate of the batched SGD loop (``seconds`` for ``iterations`` of the
-    experiments x ns classifiers of the test setup) against the bare products of its base step, timed here.
+                                dim: int, ns: Sequence[int], experiments: int, batch: int, iterations: int,
+                                seconds: float, threads: int = 1) -> list[dict]:
+    """``bench perf`` rows: the flop rate of the batched SGD loop (``seconds``: the head's time for ``iterations``
+    of the experiments x ns classifiers of the test setup, their evaluation included) against the bare products of
+    its base step timed here, through the backend the loop used and through torch's for comparison.
 
     Counted are the flops the maths needs: per iteration the logits and the weight gradient (2 x 2 r d C each) of
     the shared base rows for all classifiers, and of min(novel pool, novel rows of a batch) rows per classifier
@@ -1818,34 +1819,43 @@ def _loop_against_bare_products(section: str, make_row: Callable, quick: bool, p
     from heads.logreg import base_rows_per_batch
 
     base, novel = protocol.classes.base_2, protocol.classes.novel_2
-    P, C, batch = experiments * len(ns), num_classes, 1000
+    P, C = experiments * len(ns), num_classes
     nb = base_rows_per_batch(batch, len(base), len(novel))
     nv = batch - nb
     novel_rows = experiments * sum(min(len(novel) * n, nv) for n in ns)   # all classifiers together
-    loop_flops = 4 * dim * C * (nb * P + novel_rows) * iterations
+    loop_rate = 4 * dim * C * (nb * P + novel_rows) * iterations / seconds / 1e9
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(nb, dim, generator=gen)
     W = torch.randn(P * C, dim, generator=gen) / math.sqrt(dim)
     bias = torch.zeros(1, P * C)
     acc = torch.zeros(P * C, dim)
     reps = 3 if quick else 30
-    with thread_limits(threads):
-        mm = Products("cpu", "fp32")
-        z = mm.linear(x, W, bias)   # warm-up: allocates the buffers
+    shape = f"[{nb}, {dim}] x [{dim}, {P * C}] and its gradient"
+
+    def bare_rate(mm: Products) -> float:
+        mm.accumulate(acc, mm.linear(x, W, bias), x, 0.9, 1e-3)   # warm-up: allocates the buffers
         t0 = time.perf_counter()
         for _ in range(reps):
-            z = mm.linear(x, W, bias)
-            mm.accumulate(acc, z, x, 0.9, 1e-3)
-        t_bare = time.perf_counter() - t0
-    bare_rate = 4 * nb * dim * P * C * reps / t_bare / 1e9
-    loop_rate = loop_flops / seconds / 1e9
-    return make_row(section, f"bench lowshot SGD loop, {iterations:,} iterations: flop rate of its products",
-                    loop_rate, unit="GFLOP/s", reference=bare_rate,
-                    reference_name=f"bare {mm.name} products of its base step ([{nb}, {dim}] x [{dim}, {P * C}] "
-                                   f"and its gradient), {reps} repetitions", ratio=loop_rate / bare_rate,
-                    ratio_is="loop / bare products", quick=quick,
-                    note="context: counts the logits and weight gradients the maths needs (shared base rows, "
-                         "novel pools used whole when smaller than a batch); softmax, loss and updates uncounted")
+            mm.accumulate(acc, mm.linear(x, W, bias), x, 0.9, 1e-3)
+        return 4 * nb * dim * P * C * reps / (time.perf_counter() - t0) / 1e9
+
+    with thread_limits(threads):
+        loop_mm = Products("cpu", "fp32")   # "auto": what the loop used
+        rate = bare_rate(loop_mm)
+        torch_rate = rate if loop_mm.name == "torch" else bare_rate(Products("cpu", "fp32", "torch"))
+    rows = [make_row(section, f"bench lowshot SGD loop, {iterations:,} iterations: flop rate of its products",
+                     loop_rate, unit="GFLOP/s", reference=rate,
+                     reference_name=f"bare {loop_mm.name} products of its base step ({shape}), {reps} repetitions",
+                     ratio=loop_rate / rate, ratio_is="loop / bare products", quick=quick,
+                     note="context: counts the logits and weight gradients the maths needs (shared base rows, "
+                          "novel pools used whole when smaller than a batch) over the head's time (training and "
+                          "evaluation); softmax, loss and updates uncounted")]
+    if loop_mm.name != "torch":
+        rows.append(make_row(section, f"bare {loop_mm.name} products of the base step ({shape})", rate,
+                             unit="GFLOP/s", reference=torch_rate, reference_name="the same through torch",
+                             ratio=rate / torch_rate, ratio_is=f"{loop_mm.name} / torch", quick=quick,
+                             note="context: why heads/_cpu_blas.py routes float32 CPU products here"))
+    return rows
 
 
 def perf_lowshot_section(args) -> list[dict]:
@@ -1989,8 +1999,8 @@ def perf_lowshot_section(args) -> list[dict]:
                              note=f"context: per classifier-iteration {1000 * per_it_orig:.2f} ms original vs "
                                   f"{1000 * long['methods']['logreg']['seconds'] / long_iters / 25:.2f} ms "
                                   f"batched; the original's fixed cost is {fixed_orig:.1f} s a process"))
-        rows.append(_loop_against_bare_products(S, make_row, q, protocol, len(store.classes), dim, ns, experiments,
-                                                long_iters, long["methods"]["logreg"]["seconds"], threads))
+        rows += _loop_against_bare_products(S, make_row, q, protocol, len(store.classes), dim, ns, experiments,
+                                            cfg.batch_size, long_iters, long["methods"]["logreg"]["seconds"], threads)
 
         # ---- the faster solver: L-BFGS on the objective SGD iterates around, against SGD at the paper's length
         if not q:

@@ -24,8 +24,9 @@ a half-created store never appears under its name. (2) After creation no metadat
 written, then its ``done`` flag (one file per flag, so ranks never race on a shared file); "complete" is derived
 from the flags rather than stored, so finishing a store rewrites nothing. (3) Nodes added later (splits, indexes,
 head caches) are written under a temporary name and renamed into place, under the writer lock. A kill -9 at any
-moment therefore leaves a store that resumes to the bit-identical result. One writer at a time is enforced with an advisory lock (released by the
-kernel when the writer dies); any number of readers may open the store and see only done chunks.
+moment therefore leaves a store that resumes to the bit-identical result. One writer at a time is enforced with an
+advisory lock (released by the kernel when the writer dies); any number of readers may open the store and see only
+done chunks.
 """
 
 from __future__ import annotations

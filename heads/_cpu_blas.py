@@ -2,8 +2,8 @@
 
 torch's CPU wheels link Intel MKL, which dispatches only its AVX2 kernels on AMD processors, while numpy's
 OpenBLAS runs its AVX-512 kernels there: on an AMD EPYC (Zen 4) with one thread, float32 GEMMs of the low-shot
-classifier's shapes ran at 55-75 GFLOP/s through torch and 85-100 through numpy (``bench perf``'s lowshot section
-measures the effect end to end). :class:`Products` therefore routes float32 CPU products through numpy where that
+classifier's base step ran at 64 GFLOP/s through torch and 89 through numpy (``bench perf --sections lowshot``
+measures both, docs/performance.md). :class:`Products` therefore routes float32 CPU products through numpy where that
 combination is present and through torch everywhere else (GPUs, Intel CPUs, other BLAS builds), and bfloat16
 products through torch (oneDNN uses the AVX512-BF16 / AMX units where the CPU has them). The choice is a fixed rule,
 not a timing, so the same machine always takes the same path and gives the same numbers.

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from featstore.errors import UserError
+from featstore.runtime import usable_cores
 from featstore.store import FeatureStore
 
 KINDS = ("flat", "ivf", "hnsw")
@@ -40,25 +41,24 @@ GPU_MAX_K = 2048  # FAISS GPU k-selection limit
 def _faiss():
     import faiss
 
-    _use_all_threads(faiss)
+    use_all_threads()
     return faiss
 
 
 _THREADS_SET = False
 
 
-def _use_all_threads(faiss) -> None:
-    """FAISS runs on every core this process may use, unless OMP_NUM_THREADS says otherwise."""
+def use_all_threads() -> None:
+    """FAISS runs on every core this process may use, unless OMP_NUM_THREADS says otherwise (once per process)."""
     global _THREADS_SET
     if _THREADS_SET:
         return
     _THREADS_SET = True
     if os.environ.get("OMP_NUM_THREADS"):
         return
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    import faiss
+
+    cores = usable_cores()
     if faiss.omp_get_max_threads() < cores:
         faiss.omp_set_num_threads(cores)
 

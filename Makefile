@@ -10,7 +10,7 @@ OUT    ?= out/demo
 DEMO_GENERATOR_ITERATIONS ?= 3000
 DEMO_MATCHING_EPISODES    ?= 2000
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all lint install clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,16 +32,21 @@ demo: $(VENV)/.installed
 		--out $(OUT)/digits.zarr
 	$(VENV)/bin/featstore info $(OUT)/digits.zarr
 	$(VENV)/bin/featstore search $(OUT)/digits.zarr --row 0 -k 5
-	$(VENV)/bin/bench lowshot --store $(OUT)/digits.zarr --n 1..20 --head logreg --head analogy --head matching \
+	$(VENV)/bin/bench lowshot --store $(OUT)/digits.zarr --shots 1..20 --head logreg --head analogy --head matching \
 		--batch-size 200 --head-option analogy.generator_iterations=$(DEMO_GENERATOR_ITERATIONS) \
 		--head-option matching.episodes=$(DEMO_MATCHING_EPISODES) --out $(OUT)/lowshot
 	cat $(OUT)/lowshot/lowshot.md
 
-# The test suite without the long runs (`make test-all` includes them).
-test: $(VENV)/.installed
+# The test suite without the long runs (`make test-all` includes them), after the two static checks: ruff (the
+# rule set in pyproject.toml) and import-linter (the arrows of docs/architecture.md).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
+
+test: lint
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(VENV)/.installed
+test-all: lint
 	$(PY) -m pytest -q
 
 clean:

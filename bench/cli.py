@@ -43,7 +43,10 @@ def _csv(value: str) -> tuple[str, ...]:
               help="Write results.json and perf.md into this folder.")
 @click.option("--threads", type=int, default=os.cpu_count() or 1, show_default=True,
               help="Threads for numpy BLAS, torch and FAISS.")
-def perf(sections, rows, dim, queries, store, workdir, compression, seed, quick, out, threads) -> None:
+@click.option("--lowshot-iterations", type=int, default=None,
+              help="lowshot section: SGD iterations per run on both sides [default: 1,000; 100 with --quick].")
+def perf(sections, rows, dim, queries, store, workdir, compression, seed, quick, out, threads,
+         lowshot_iterations) -> None:
     """Speed figures, each a ratio against a reference measured in the same run.
 
     \b
@@ -58,7 +61,8 @@ def perf(sections, rows, dim, queries, store, workdir, compression, seed, quick,
     from bench.perf import PerfArgs, run_perf
 
     args = PerfArgs(sections=_csv(sections), rows=rows, dim=dim, queries=queries, store=store, workdir=workdir,
-                    compression=_csv(compression), seed=seed, quick=quick, out=out, threads=threads)
+                    compression=_csv(compression), seed=seed, quick=quick, out=out, threads=threads,
+                    lowshot_iterations=lowshot_iterations)
     run_perf(args, echo=click.echo)
 
 

@@ -1,7 +1,9 @@
-"""``bench fsor-finetune``: the fine-tuned variant of TANE / DNPG, end to end (fsor.md sections 3.1, 5, 6, 7).
+"""``bench fsor-finetune``: the fine-tuned variant of TANE / DNPG, end to end (TANE, Huang et al., CVPR 2022;
+DNPG, Zhang et al., ACM MM 2024; original code github.com/shiyuanh/TANE, github.com/iCGY96/DNPG).
 
 The frozen variant (``bench fsor --head tane``) meta-trains the head on cached features. The papers instead train
-the head together with the backbone (``tunefeat`` > 0, fsor.md 7.1), after which every cached feature is stale.
+the head together with the backbone (the original code's ``tunefeat`` > 0), after which every cached feature is
+stale.
 This command runs that path in one go:
 
 1. **Backbone** from ``checkpoint`` (a featstore checkpoint: model name, ``small_input`` and ``model_options`` come
@@ -16,12 +18,14 @@ This command runs that path in one go:
 4. **Joint meta-training** through :func:`extract.train.finetune`: each step takes ``episodes_per_step``
    (ways + open_ways)-way ``shots``-shot ``queries``-query episodes of base-class *images* (episode i is a function
    of (seed, i) only), augments supports and open supports with the ``extract train`` recipe
-   (:class:`extract.train.BatchAugment`; queries stay clean, fsor.md 3.1), runs support and query images through the
-   backbone as one batch and calls ``head.training_step`` (primary + swapped task). ``tune_part`` /
-   ``backbone_lr`` / ``bn_train`` keep the original semantics (fsor.md 7.1: 0 or lr 0 = the frozen variant).
+   (:class:`extract.train.BatchAugment`; queries stay clean, as in the original code), runs support and query
+   images through the backbone as one batch and calls ``head.training_step`` (primary + swapped task).
+   ``tune_part`` / ``backbone_lr`` / ``bn_train`` keep the original code's semantics (0 or lr 0 = the frozen
+   variant).
 5. **Epoch selection** on validation episodes (``val_rule`` rows, clean features through the current backbone; the
    episode's own classes are masked out of the base memory as in training), by accuracy + AUROC; the last and the
-   val-best figures are both logged (pitfall 1: never the test split).
+   val-best figures are both logged (selection never looks at the test split: the original code selects on test
+   episodes, which biases the reported numbers).
 6. **Checkpoint** ``out/finetuned.pt`` by :func:`extract.train.write_finetuned`: backbone, head state (under
    ``classifier``), base class names, settings and the parent's sha256; :func:`load_finetuned_head` rebuilds the
    head from it.
@@ -61,8 +65,14 @@ import click
 import numpy as np
 import torch
 
+from bench.kit import make_head, progress_bar, resolve_device, thread_limits, user_errors
+from featstore.atomic import write_json_atomic
+from featstore.checkpoint import read_checkpoint
 from featstore.errors import UserError
 from featstore.rules import select_mask
+from heads import sample_episodes
+from heads.base import EPISODES, check_needs, class_means, head_class
+from heads.scores import batched_auroc
 
 __all__ = ["FsorFinetuneConfig", "run_fsor_finetune", "load_finetuned_head", "select_rows", "fsor_finetune_command"]
 
@@ -86,10 +96,11 @@ class FsorFinetuneConfig:
     Head: ``head`` = ``tane`` or ``dnpg``, optionally with hyper-parameters (``dnpg:phase2_epochs=10,n_neg=3``).
     ``None`` fine-tuning values take the head's own (paper) hyper-parameters: ``head_lr`` <- ``learning_rate``,
     ``epochs``, ``episodes_per_epoch``, ``episodes_per_step``, ``val_episodes``; ``weight_decay`` and ``momentum``
-    always come from the head (both parameter groups use them, fsor.md 7.1).
+    always come from the head (both parameter groups use them, as in the original code).
 
     Fine-tuning: ``tune_part`` (trainable last stages; 0 = frozen), ``backbone_lr`` (0 = frozen), ``bn_train``,
-    ``milestones`` / ``gamma`` (per-group step decay, pitfall 3), ``augment`` (``extract train``'s kinds) and
+    ``milestones`` / ``gamma`` (step decay applied to each parameter group's own lr, so the backbone's smaller lr
+    decays too), ``augment`` (``extract train``'s kinds) and
     ``augment_queries``. Episodes: ``ways``, ``open_ways``, ``shots``, ``queries``; ``val_queries`` (default: as
     many as the smallest validation class allows, at most ``queries``).
 
@@ -173,19 +184,15 @@ def _positive(option: str, value: Any, zero_ok: bool = False) -> None:
         raise UserError(f"{option} must be {'>= 0' if zero_ok else 'positive'}, not {value}")
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def _write_record(path: Path, obj: Any) -> None:
     from bench.report import _jsonable
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, _jsonable(obj))
 
 
 def _read_checkpoint(path: str) -> dict:
     """The raw featstore checkpoint dict (model name, options and provenance are needed before building)."""
-    from extract.run import peek_checkpoint
-
-    raw = peek_checkpoint(str(Path(path).expanduser()))
+    raw = read_checkpoint(Path(path).expanduser())
     if raw.get("format") != "featstore-checkpoint":
         raise UserError(f"checkpoint {path} was not written by featstore (extract train / save_checkpoint), so it "
                         "does not name its model; re-save it with extract.backbones.save_checkpoint")
@@ -195,17 +202,15 @@ def _read_checkpoint(path: str) -> dict:
 def _decode(source: Any, indices: np.ndarray, frame_spec: dict, workers: int, progress: bool) -> torch.Tensor:
     """uint8 images ``[len(indices), Cs, R, R]`` in memory: decoded once, augmented on tensors at every step
     (as ``extract train`` does), because an episode step touches hundreds of images in random order."""
-    from tqdm import tqdm
+    from extract.train import FramedImages  # the framing (and the error line per broken file) of `extract train`
 
-    from extract.train import _Frames  # the framing (and the error line per broken file) of `extract train`
-
-    data = _Frames(source, indices, frame_spec)
+    data = FramedImages(source, indices, frame_spec)
     chunk = 256
     batches = [list(range(s, min(len(data), s + chunk))) for s in range(0, len(data), chunk)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
-    out = torch.empty(len(data), *data._blank.shape, dtype=torch.uint8)
-    with tqdm(total=len(data), unit="img", desc="decode", disable=not progress, leave=False) as bar:
+    out = torch.empty(len(data), *data.blank_like.shape, dtype=torch.uint8)
+    with progress_bar(len(data), "decode", quiet=not progress, unit="img") as bar:
         for b, (x, errors) in zip(batches, loader):
             bad = [e for e in errors if e]
             if bad:
@@ -245,9 +250,7 @@ def _embed(backbone: torch.nn.Module, augment: Any, images: torch.Tensor, positi
 def _class_means(features: torch.Tensor, labels: np.ndarray, classes: np.ndarray) -> torch.Tensor:
     """Mean feature per class: features [n, D], labels [n] (values in ``classes``) -> [len(classes), D]."""
     index = torch.as_tensor(np.searchsorted(classes, labels), device=features.device)
-    sums = torch.zeros(len(classes), features.shape[1], device=features.device).index_add_(0, index, features)
-    counts = torch.bincount(index, minlength=len(classes)).clamp_min(1).to(features.dtype)
-    return sums / counts.unsqueeze(1)
+    return class_means(features, index, len(classes))[0]
 
 
 def _episode_error(option_hint: str, exc: Exception) -> UserError:
@@ -267,13 +270,16 @@ def _finetuned_label(spec: str) -> str:
 
 def _make_head(spec: str, device: torch.device, feat_dim: int, n_base: int, seed: int):
     """A TANE / DNPG head for ``feat_dim``-d features and ``n_base`` base classes (seeded initialisation)."""
-    from bench.fsor import make_head
-    from heads._negproto_common import NegProtoHead
+    from bench.fsor import parse_head_spec
 
-    head = make_head(spec, device, defaults={"feat_dim": feat_dim, "n_base_classes": n_base, "seed": seed})
-    if not isinstance(head, NegProtoHead) or not (hasattr(head, "set_base_memory") or
-                                                  hasattr(head, "fit_open_weights")):
+    name, options = parse_head_spec(spec)
+    with user_errors():
+        cls = head_class(name)
+    if cls not in _finetunable():
         raise UserError(f"head {spec!r} cannot be fine-tuned with a backbone here; choose tane or dnpg")
+    with user_errors():
+        check_needs(cls, inputs=EPISODES, meta_training=True, protocol="bench fsor-finetune")
+    head = make_head(name, options, {"device": device, "feat_dim": feat_dim, "n_base_classes": n_base, "seed": seed})
     if head.feat_dim != feat_dim or head.n_base_classes != n_base:
         raise UserError(f"head {spec!r} sets feat_dim={head.feat_dim} / n_base_classes={head.n_base_classes}, but "
                         f"the backbone gives {feat_dim}-d features and the base rows hold {n_base} classes; drop "
@@ -282,6 +288,12 @@ def _make_head(spec: str, device: torch.device, feat_dim: int, n_base: int, seed
         raise UserError(f"head {spec!r}: word vectors (semantic_dim) are not available to fsor-finetune; drop "
                         "semantic_dim (SEMAN-G then uses its visual stand-in)")
     return head
+
+
+def _finetunable() -> tuple[type, ...]:
+    """The heads whose base memory this command can install before joint training (TANE's classifier rows, DNPG's
+    Phase 2) and that train through ``training_step``."""
+    return head_class("tane"), head_class("dnpg")
 
 
 def load_finetuned_head(checkpoint: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -311,7 +323,7 @@ def _init_head(head, base_feats: torch.Tensor, base_labels: np.ndarray, base_cla
     base_feats [n, D]: clean features of the base rows through the starting backbone; base_labels [n] their
     source class ids; base_classes [B] sorted ids (memory row order).
     """
-    if hasattr(head, "fit_open_weights"):  # DNPG: Phase 2 is feature-level and runs on the frozen backbone
+    if isinstance(head, head_class("dnpg")):  # Phase 2 is feature-level and runs on the frozen backbone
         head.fit_open_weights(base_feats, base_labels, base_classes=base_classes, seed=seed)
         return "dnpg phase 2 (gcpl centres, rpl points) on the starting backbone's base features"
     means = _class_means(base_feats, base_labels, base_classes)
@@ -323,7 +335,7 @@ def _init_head(head, base_feats: torch.Tensor, base_labels: np.ndarray, base_cla
         row = {name: k for k, name in enumerate(names)}
         wanted = [class_names[c] for c in base_classes]
         if all(name in row for name in wanted):
-            # TANE's memory is the pretraining classifier (fsor.md 5.1): rows matched by class name
+            # TANE's memory is the pretraining classifier's weights of the base classes: rows matched by name
             weights = w[torch.as_tensor([row[name] for name in wanted])].to(base_feats)
             source = "checkpoint classifier rows"
     sem = None
@@ -340,8 +352,6 @@ def _val_metrics(head, feats: torch.Tensor, batch, chunk: int = 100) -> tuple[fl
     out of the base memory (they are base classes when the validation images are held-out images of them); the
     head's ``fit`` would leave them in and let calibration copy the class's own weight.
     """
-    from heads._negproto_common import class_means, episode_auroc
-
     accs, aurocs = [], []
     dev = head.device
     with _eval_mode(head), torch.no_grad():
@@ -353,13 +363,14 @@ def _val_metrics(head, feats: torch.Tensor, batch, chunk: int = 100) -> tuple[fl
             q_lab = batch.query_labels[sl].to(dev)
             classes = batch.classes[sl]
             n = classes.shape[1]
-            out = head._task_forward(class_means(sup, s_lab, n), head._key_mask(classes, sup.shape[0]),
+            out = head._task_forward(class_means(sup, s_lab, n)[0], head._key_mask(classes, sup.shape[0]),
                                      head._class_semantics(classes))
             scores = head._scores(qry, out)  # [e, m, N+1]
             known = q_lab >= 0
             pred = scores[..., :n].argmax(-1)
             accs.append(((pred == q_lab) & known).sum(1).float() / known.sum(1).clamp_min(1))
-            aurocs.append(episode_auroc(torch.softmax(scores, -1)[..., -1], ~known))
+            # float32, as NegProtoHead.evaluate_episodes: the selection criterion compares these values
+            aurocs.append(batched_auroc(torch.softmax(scores, -1)[..., -1], ~known).to(torch.float32))
     return float(torch.cat(accs).mean()), float(torch.nanmean(torch.cat(aurocs)))
 
 
@@ -393,10 +404,7 @@ def _check_config(cfg: FsorFinetuneConfig) -> None:
     if not cfg.test_split:
         raise UserError("--test-split is required: the split of the test source that holds the novel classes "
                         "(e.g. evaluation for omniglot, test for csv)")
-    if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
-        raise UserError(f"--device must be cpu or cuda[:N], not {cfg.device!r}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+    resolve_device(cfg.device)
     out = Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
@@ -440,11 +448,8 @@ def run_fsor_finetune(cfg: FsorFinetuneConfig, echo: Callable[[str], None] | Non
     """
     _check_config(cfg)
     done = _finished_finetune(cfg)
-    previous_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-    try:
+    device = resolve_device(cfg.device)
+    with thread_limits(cfg.threads):
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             if done is None:
                 result = _finetune_stage(cfg, device, echo)
@@ -454,35 +459,142 @@ def run_fsor_finetune(cfg: FsorFinetuneConfig, echo: Callable[[str], None] | Non
                     echo(f"reusing the fine-tuning in {cfg.out} ({CHECKPOINT_NAME}, sha256 "
                          f"{done['checkpoint_sha256'][:12]})")
             return _evaluate_stage(cfg, result, device, echo)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _finetune_stage(cfg: FsorFinetuneConfig, device: torch.device, echo: Callable[[str], None] | None) -> dict:
-    """Steps 1-6 of the module docstring: returns the record written to ``out/finetune.json``."""
-    from extract import backbones as bb
-    from extract import datasets as ds
-    from extract.train import BatchAugment, finetune, resolve_augment, write_finetuned
-    from heads._negproto_common import sample_episodes
+    """Steps 1-6 of the module docstring: returns the record written to ``out/finetune.json``.
+
+    The joint loop cannot be the head's own ``meta_train`` loop: that one trains the head alone on cached
+    features with one optimizer, while here every step runs images through the backbone under
+    :func:`extract.train.finetune` (two parameter groups, BatchNorm modes, per-group decay), and validation masks
+    each episode's own classes out of the base memory, which ``NegProtoHead.evaluate_episodes`` does not. The
+    selection rule (val accuracy + AUROC, the first best kept) is the same."""
+    from extract.train import finetune, write_finetuned
 
     started = time.perf_counter()
     show = not cfg.quiet and sys.stderr.isatty()
     out = Path(cfg.out).expanduser()
 
-    # -- backbone, exactly as the checkpoint describes it
+    parent = _load_parent(cfg)
+    data = _base_data(cfg, parent)
+    head = _make_head(cfg.head, device, parent.backbone.feature_dim, data.n_base, cfg.seed)
+    schedule = _schedule(cfg, head, len(data.val_rows))
+    val_batch, val_queries, base_names = _check_episode_requests(cfg, data, schedule)
+    pixels = _load_pixels(cfg, data, parent, device, show)
+    backbone = parent.backbone
+
+    # -- head initialisation on the starting backbone's clean base features (computed once)
+    base_feats = _embed(backbone, pixels.augment, pixels.images, pixels.pos_of[data.train_rows], cfg.batch_size,
+                        device)
+    memory = _init_head(head, base_feats, data.labels[data.train_rows], data.base_classes, parent.info,
+                        data.source.classes, cfg.seed)
+    del base_feats
+
+    # -- joint meta-training
+    if schedule.n_val:  # validation episodes index the validation features directly
+        val_index = np.full(len(data.labels), -1, dtype=np.int64)
+        val_index[data.val_rows] = np.arange(len(data.val_rows))
+        for name in ("support", "query"):
+            setattr(val_batch, name, torch.as_tensor(val_index[getattr(val_batch, name).numpy()]))
+    steps = _EpisodeSteps(cfg, data, pixels, schedule, device)
+    selection = _EpochSelection(cfg, schedule, backbone, head, pixels, data.val_rows, val_batch, device, show)
+    try:
+        finetune(backbone, head, steps.batches, steps.loss, tune_part=cfg.tune_part, backbone_lr=cfg.backbone_lr,
+                 head_lr=schedule.head_lr, epochs=schedule.epochs, bn_train=cfg.bn_train, device=device,
+                 weight_decay=head.weight_decay, momentum=head.momentum, nesterov=head.momentum > 0,
+                 milestones=[int(m) for m in cfg.milestones], gamma=cfg.gamma, on_step=selection.on_step)
+    finally:
+        selection.close()
+    selected, best_epoch = selection.restore_best()
+    backbone.eval()
+    head.eval()
+
+    # -- the new checkpoint: backbone + head + how they were made
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT_NAME
+    settings = {"tune_part": cfg.tune_part, "backbone_lr": cfg.backbone_lr, "head_lr": schedule.head_lr,
+                "epochs": schedule.epochs, "episodes_per_epoch": schedule.epe, "episodes_per_step": schedule.eps,
+                "bn_train": cfg.bn_train, "milestones": list(cfg.milestones), "gamma": cfg.gamma,
+                "weight_decay": head.weight_decay, "momentum": head.momentum, "ways": cfg.ways,
+                "open_ways": cfg.open_ways, "shots": cfg.shots, "queries": cfg.queries, "augment": pixels.plan,
+                "augment_queries": cfg.augment_queries, "seed": cfg.seed, "train_rule": cfg.train_rule,
+                "val_rule": cfg.val_rule, "val_episodes": schedule.n_val,
+                "val_queries": val_queries if schedule.n_val else None}
+    record = {
+        "head": {"spec": cfg.head, "label": _finetuned_label(cfg.head), "feat_dim": backbone.feature_dim,
+                 "n_base_classes": data.n_base, "seed": cfg.seed, "base_memory": memory,
+                 "base_classes": [int(c) for c in data.base_classes]},
+        "data": {"source": data.source.describe(), "manifest_hash": data.source.manifest_hash(),
+                 "n_train": int(len(data.train_rows)), "n_val": int(len(data.val_rows))},
+        "transform": data.spec,
+        "history": selection.history,
+        "best_epoch": best_epoch,
+        "selected": selected,
+    }
+    sha = write_finetuned(backbone, ckpt, head=head, classes=base_names, parent=cfg.checkpoint, settings=settings,
+                          provenance={"driver": "bench.fsor_finetune", "transform": data.spec,
+                                      "fsor_finetune": record})
+    result = {"config": asdict(cfg), "checkpoint": str(ckpt), "checkpoint_sha256": sha,
+              "parent_checkpoint": str(cfg.checkpoint), "parent_sha256": parent.sha256, "model": parent.model_name,
+              "label": _finetuned_label(cfg.head), "settings": settings, **record,
+              "finetune_seconds": time.perf_counter() - started}
+    _write_record(out / RECORD_NAME, result)
+    if echo and not cfg.quiet:
+        history = selection.history
+        kept = history[best_epoch - 1] if len(history) >= best_epoch else {}
+        val = (f"; val acc {kept['val_acc']:.4f}, auroc {kept['val_auroc']:.4f}" if "val_acc" in kept else "")
+        echo(f"fine-tuned {cfg.head} with {parent.model_name} (tune_part {cfg.tune_part}): {schedule.epochs} "
+             f"epochs, kept epoch {best_epoch} ({selected}){val}; wrote {ckpt}")
+    return result
+
+
+@dataclass
+class _Parent:
+    """The starting checkpoint: its raw dict, the backbone built and loaded from it, ``load_checkpoint``'s info."""
+
+    raw: dict
+    model_name: str
+    backbone: torch.nn.Module
+    info: dict
+    sha256: str
+
+
+def _load_parent(cfg: FsorFinetuneConfig) -> _Parent:
+    """Step 1: the backbone, exactly as the checkpoint describes it."""
+    from extract import backbones as bb
+
     raw = _read_checkpoint(cfg.checkpoint)
     model_name = raw.get("model")
     torch.manual_seed(_derive(cfg.seed, "backbone"))  # overwritten by the weights; seeded all the same
     backbone = bb.create_backbone(model_name, small_input=bool(raw.get("small_input", False)),
                                   **dict(raw.get("model_options") or {}))
     info = bb.load_checkpoint(backbone, cfg.checkpoint)
-    parent_sha = info["sha256"]
     n_stages = len(backbone.stage_names)
     if cfg.tune_part > n_stages:
         raise UserError(f"--tune-part {cfg.tune_part}: {model_name} has {n_stages} stages "
                         f"({', '.join(backbone.stage_names)}); use 0..{n_stages}")
+    return _Parent(raw, model_name, backbone, info, info["sha256"])
 
-    # -- data: base rows, validation rows, the transform of the checkpoint
+
+@dataclass
+class _BaseData:
+    """Step 2: the training source, its base and validation rows and the transform of the checkpoint."""
+
+    source: Any
+    labels: np.ndarray
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    base_classes: np.ndarray
+    spec: dict
+
+    @property
+    def n_base(self) -> int:
+        return len(self.base_classes)
+
+
+def _base_data(cfg: FsorFinetuneConfig, parent: _Parent) -> _BaseData:
+    from extract import datasets as ds
+
     source = ds.open_source(cfg.dataset, root=cfg.data_root, split=cfg.split)
     train_rows = select_rows(source, cfg.train_rule, "--train-rule")
     val_rows = select_rows(source, cfg.val_rule, "--val-rule")
@@ -493,39 +605,64 @@ def _finetune_stage(cfg: FsorFinetuneConfig, device: torch.device, echo: Callabl
                         f"{len(np.intersect1d(train_rows, val_rows))} samples; validation must be held out")
     labels = np.asarray(source.labels, dtype=np.int64)
     base_classes = np.unique(labels[train_rows])
-    n_base, ways_all = len(base_classes), cfg.ways + cfg.open_ways
-    if ways_all >= n_base:
-        raise UserError(f"--ways + --open-ways = {ways_all} leaves no base memory out of the {n_base} base classes "
-                        "of --train-rule; use fewer ways or more classes")
-    provenance = info.get("provenance") or {}
+    ways_all = cfg.ways + cfg.open_ways
+    if ways_all >= len(base_classes):
+        raise UserError(f"--ways + --open-ways = {ways_all} leaves no base memory out of the {len(base_classes)} "
+                        "base classes of --train-rule; use fewer ways or more classes")
+    provenance = parent.info.get("provenance") or {}
     size = cfg.image_size or ((provenance.get("transform") or {}).get("size"))
-    spec = ds.transform_spec(backbone.input_spec, source, size=size)
+    spec = ds.transform_spec(parent.backbone.input_spec, source, size=size)
+    return _BaseData(source, labels, train_rows, val_rows, base_classes, spec)
 
-    head = _make_head(cfg.head, device, backbone.feature_dim, n_base, cfg.seed)
-    head_lr = float(cfg.head_lr if cfg.head_lr is not None else head.learning_rate)
-    epochs = int(cfg.epochs if cfg.epochs is not None else head.epochs)
+
+@dataclass
+class _Schedule:
+    """The fine-tuning schedule: the command's values, else the head's (paper) hyper-parameters."""
+
+    head_lr: float
+    epochs: int
+    epe: int  # episodes per epoch
+    eps: int  # episodes per step
+    n_val: int  # validation episodes per epoch (0: no selection, the last epoch is kept)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.epe // self.eps)
+
+
+def _schedule(cfg: FsorFinetuneConfig, head, n_val_rows: int) -> _Schedule:
     epe = int(cfg.episodes_per_epoch if cfg.episodes_per_epoch is not None else head.episodes_per_epoch)
-    eps = min(epe, int(cfg.episodes_per_step if cfg.episodes_per_step is not None else head.episodes_per_step))
-    n_val = int(cfg.val_episodes if cfg.val_episodes is not None else head.val_episodes) if len(val_rows) else 0
-    steps_per_epoch = -(-epe // eps)
+    return _Schedule(
+        head_lr=float(cfg.head_lr if cfg.head_lr is not None else head.learning_rate),
+        epochs=int(cfg.epochs if cfg.epochs is not None else head.epochs),
+        epe=epe,
+        eps=min(epe, int(cfg.episodes_per_step if cfg.episodes_per_step is not None else head.episodes_per_step)),
+        n_val=int(cfg.val_episodes if cfg.val_episodes is not None else head.val_episodes) if n_val_rows else 0)
 
-    # -- every episode request must be satisfiable before hours of training: probe one of each
+
+def _check_episode_requests(cfg: FsorFinetuneConfig, data: _BaseData, schedule: _Schedule):
+    """Every episode request must be satisfiable before hours of training: probe one of each. Returns the
+    validation episodes (None without), their queries per class and the base class names."""
+    from extract import datasets as ds
+
+    labels, ways_all = data.labels, cfg.ways + cfg.open_ways
     try:
-        sample_episodes(labels, train_rows, ways=ways_all, shots=cfg.shots, queries=cfg.queries, seed=[cfg.seed, 0])
+        sample_episodes(labels, data.train_rows, ways=ways_all, shots=cfg.shots, queries=cfg.queries,
+                        seed=[cfg.seed, 0])
     except ValueError as exc:
         raise _episode_error("--train-rule, --ways, --open-ways, --shots, --queries", exc) from None
-    val_queries = cfg.val_queries
-    if n_val:
+    val_queries, val_batch = cfg.val_queries, None
+    if schedule.n_val:
         if val_queries is None:  # held-out drawings are few per class (omniglot: 4): use what the classes have
-            counts = np.bincount(labels[val_rows])
+            counts = np.bincount(labels[data.val_rows])
             counts = np.sort(counts[counts > 0])[::-1]
             val_queries = min(cfg.queries, int(counts[min(ways_all, len(counts)) - 1]) - cfg.shots)
             if val_queries < 1:
                 raise UserError(f"--val-rule {cfg.val_rule!r} leaves too few samples per class for {cfg.shots}-shot "
                                 "validation episodes with a query; hold out more, or --val-rule none")
         try:
-            val_batch = sample_episodes(labels, val_rows, ways=cfg.ways, shots=cfg.shots, queries=val_queries,
-                                        open_ways=cfg.open_ways, seed=[cfg.seed, 1], count=n_val)
+            val_batch = sample_episodes(labels, data.val_rows, ways=cfg.ways, shots=cfg.shots, queries=val_queries,
+                                        open_ways=cfg.open_ways, seed=[cfg.seed, 1], count=schedule.n_val)
         except ValueError as exc:
             raise _episode_error("--val-rule, --val-queries", exc) from None
     test_source = ds.open_source(cfg.test_dataset or cfg.dataset, root=cfg.test_data_root or cfg.data_root,
@@ -537,54 +674,73 @@ def _finetune_stage(cfg: FsorFinetuneConfig, device: torch.device, echo: Callabl
                         open_ways=cfg.open_ways, seed=[cfg.seed, 2])
     except ValueError as exc:
         raise _episode_error("--test-split, --test-shots, --test-queries", exc) from None
-    base_names = [source.classes[c] for c in base_classes]
+    base_names = [data.source.classes[c] for c in data.base_classes]
     shared = sorted(set(base_names) & set(test_source.classes))
     if shared:
         raise UserError(f"the test split shares {len(shared)} classes with the base classes (e.g. {shared[0]!r}); "
                         "test classes must be novel: pick another --test-split or --train-rule")
+    return val_batch, val_queries, base_names
 
-    # -- pixels in memory (base and validation rows) and the training augmentation of extract train
+
+@dataclass
+class _Pixels:
+    """Decoded uint8 images of the base and validation rows, where each source row sits, and the augmentation."""
+
+    images: torch.Tensor
+    pos_of: np.ndarray  # source row -> position in images (-1: not decoded)
+    plan: dict
+    augment: Any
+
+
+def _load_pixels(cfg: FsorFinetuneConfig, data: _BaseData, parent: _Parent, device: torch.device,
+                 show: bool) -> _Pixels:
+    """Pixels in memory (base and validation rows) and the training augmentation of ``extract train``; the
+    backbone moves to ``device`` and is probed once with the input size."""
+    from extract.train import BatchAugment, resolve_augment
+
+    spec, source = data.spec, data.source
     stored = spec["resize"] or spec["size"]
     frame_spec = {"size": stored, "resize": stored if spec["resize"] else None,
                   "channels": 1 if (source.grayscale or spec["channels"] == 1) else 3, "normalize": "none",
                   "interpolation": spec["interpolation"]}
-    rows = np.union1d(train_rows, val_rows)
+    rows = np.union1d(data.train_rows, data.val_rows)
     images = _decode(source, rows, frame_spec, cfg.workers, show)
-    pos_of = np.full(len(labels), -1, dtype=np.int64)
+    pos_of = np.full(len(data.labels), -1, dtype=np.int64)
     pos_of[rows] = np.arange(len(rows))
     plan = resolve_augment(cfg.augment, spec["size"], source.name)
     augment = BatchAugment(plan, spec, stored)
+    backbone = parent.backbone
     backbone.to(device)
     try:  # fail here, in one line, if the size does not fit (eval mode: a probe must not move BN statistics)
         with _eval_mode(backbone), torch.no_grad():
             backbone(augment.clean(images[:1].to(device)))
     except RuntimeError as exc:
-        raise UserError(f"{spec['size']}-px images do not fit {model_name} ({str(exc).splitlines()[0][:80]}); "
-                        "pass another --image-size") from None
+        raise UserError(f"{spec['size']}-px images do not fit {parent.model_name} "
+                        f"({str(exc).splitlines()[0][:80]}); pass another --image-size") from None
+    return _Pixels(images, pos_of, plan, augment)
 
-    # -- head initialisation on the starting backbone's clean base features (computed once)
-    base_feats = _embed(backbone, augment, images, pos_of[train_rows], cfg.batch_size, device)
-    memory = _init_head(head, base_feats, labels[train_rows], base_classes, info, source.classes, cfg.seed)
-    del base_feats
 
-    # -- joint meta-training
-    val_index = np.full(len(labels), -1, dtype=np.int64)
-    val_index[val_rows] = np.arange(len(val_rows))
-    if n_val:  # validation episodes index the validation features directly
-        for name in ("support", "query"):
-            setattr(val_batch, name, torch.as_tensor(val_index[getattr(val_batch, name).numpy()]))
-    ways = cfg.ways
+class _EpisodeSteps:
+    """The training data of :func:`extract.train.finetune`: ``batches(epoch)`` yields one step of
+    ``episodes_per_step`` (ways + open_ways)-way episodes of base images at a time; ``loss`` is the head's."""
 
-    def batches(epoch: int):
+    def __init__(self, cfg: FsorFinetuneConfig, data: _BaseData, pixels: _Pixels, schedule: _Schedule,
+                 device: torch.device):
+        self.cfg, self.data, self.pixels, self.schedule, self.device = cfg, data, pixels, schedule, device
+
+    def batches(self, epoch: int):
         # dropout / DropBlock of epoch e draw from the global RNG: seed it per epoch (finetune calls this once
         # per epoch, after setting the train modes)
-        torch.manual_seed(_derive(cfg.seed, "torch", epoch))
-        return (_episode_step(epoch * epe + s * eps, min(eps, epe - s * eps)) for s in range(steps_per_epoch))
+        torch.manual_seed(_derive(self.cfg.seed, "torch", epoch))
+        epe, eps = self.schedule.epe, self.schedule.eps
+        return (self.step(epoch * epe + s * eps, min(eps, epe - s * eps)) for s in range(self.schedule.steps_per_epoch))
 
-    def _episode_step(start: int, count: int):
+    def step(self, start: int, count: int):
         """One step: (images [E*S + E*m, C, H, W], labels [E*S + E*m], structure) of episodes start..start+E-1."""
-        ep = sample_episodes(labels, train_rows, ways=ways_all, shots=cfg.shots, queries=cfg.queries,
-                             seed=[cfg.seed, 0], start=start, count=count)
+        cfg, pos_of, images, augment, device = self.cfg, self.pixels.pos_of, self.pixels.images, \
+            self.pixels.augment, self.device
+        ep = sample_episodes(self.data.labels, self.data.train_rows, ways=cfg.ways + cfg.open_ways, shots=cfg.shots,
+                             queries=cfg.queries, seed=[cfg.seed, 0], start=start, count=count)
         sup = torch.as_tensor(pos_of[ep.support.numpy()].reshape(-1))
         qry = torch.as_tensor(pos_of[ep.query.numpy()].reshape(-1))
         gen = torch.Generator().manual_seed(_derive(cfg.seed, "augment", start))
@@ -593,101 +749,74 @@ def _finetune_stage(cfg: FsorFinetuneConfig, device: torch.device, echo: Callabl
         y = torch.cat([ep.support_labels.reshape(-1), ep.query_labels.reshape(-1)])
         return torch.cat([xs, xq]), y, {"episodes": count, "support": ep.support.shape[1], "classes": ep.classes}
 
-    def loss_fn(h, feats: torch.Tensor, y: torch.Tensor, extra: dict) -> torch.Tensor:
+    def loss(self, h, feats: torch.Tensor, y: torch.Tensor, extra: dict) -> torch.Tensor:
         """feats [E*S + E*m, D] -> support [E, S, D] and query [E, m, D]; the head's primary + swapped loss."""
         e, s = int(extra["episodes"]), int(extra["support"])
         n, d = e * s, feats.shape[1]
         loss = h.training_step(feats[:n].reshape(e, s, d), y[:n].reshape(e, s), feats[n:].reshape(e, -1, d),
-                               y[n:].reshape(e, -1), ways=ways, episode_classes=extra["classes"])
+                               y[n:].reshape(e, -1), ways=self.cfg.ways, episode_classes=extra["classes"])
         if not torch.isfinite(loss):
             raise UserError(f"fine-tuning diverged (loss {loss.item()}); lower --backbone-lr or --head-lr")
         return loss
 
-    from tqdm import tqdm
 
-    history: list[dict] = []
-    best = {"score": -math.inf, "epoch": None, "backbone": None, "head": None}
-    sums = {"loss": 0.0, "steps": 0, "tic": time.perf_counter()}
-    bar = tqdm(total=epochs * steps_per_epoch, unit="step", desc=f"fine-tune {cfg.head}", disable=not show,
-               leave=False, dynamic_ncols=True)
+class _EpochSelection:
+    """``on_step`` of :func:`extract.train.finetune`: the progress bar, one history record per epoch and, with
+    validation episodes, the val-best backbone and head (accuracy + AUROC through the backbone as it is then)."""
 
-    def on_step(epoch: int, step: int, loss: float) -> None:
+    def __init__(self, cfg: FsorFinetuneConfig, schedule: _Schedule, backbone, head, pixels: _Pixels,
+                 val_rows: np.ndarray, val_batch, device: torch.device, show: bool):
+        self.cfg, self.schedule, self.backbone, self.head = cfg, schedule, backbone, head
+        self.pixels, self.val_rows, self.val_batch, self.device, self.show = pixels, val_rows, val_batch, device, show
+        self.history: list[dict] = []
+        self.best = {"score": -math.inf, "epoch": None, "backbone": None, "head": None}
+        self.sums = {"loss": 0.0, "steps": 0, "tic": time.perf_counter()}
+        self.bar = progress_bar(schedule.epochs * schedule.steps_per_epoch, f"fine-tune {cfg.head}",
+                                quiet=not show, unit="step")
+
+    def on_step(self, epoch: int, step: int, loss: float) -> None:
+        cfg, sums = self.cfg, self.sums
         sums["loss"] += loss
         sums["steps"] += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        if step != steps_per_epoch - 1:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if step != self.schedule.steps_per_epoch - 1:
             return
         decay = cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= int(m))
         record = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(1, sums["steps"]),
                   "backbone_lr": cfg.backbone_lr * decay if cfg.tune_part and cfg.backbone_lr > 0 else 0.0,
-                  "head_lr": head_lr * decay}
-        if n_val:  # epoch selection on validation episodes, through the backbone as it is now
-            feats = _embed(backbone, augment, images, pos_of[val_rows], cfg.batch_size, device)
-            acc, auroc = _val_metrics(head, feats, val_batch)
-            record.update(val_acc=acc, val_auroc=auroc)
-            score = acc + (auroc if math.isfinite(auroc) else 0.0)  # the criterion of NegProtoHead.meta_train
-            if score > best["score"]:
-                best.update(score=score, epoch=epoch + 1,
-                            backbone={k: v.detach().clone() for k, v in backbone.state_dict().items()},
-                            head={k: v.detach().clone() for k, v in head.state_dict().items()})
+                  "head_lr": self.schedule.head_lr * decay}
+        if self.schedule.n_val:
+            self._select(epoch, record)
         record["seconds"] = time.perf_counter() - sums["tic"]
-        history.append(record)
+        self.history.append(record)
         sums.update(loss=0.0, steps=0, tic=time.perf_counter())
-        if show:
-            tqdm.write(f"epoch {epoch + 1}/{epochs}: " + ", ".join(
+        if self.show:
+            self.bar.write(f"epoch {epoch + 1}/{self.schedule.epochs}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"), file=sys.stderr)
 
-    try:
-        finetune(backbone, head, batches, loss_fn, tune_part=cfg.tune_part, backbone_lr=cfg.backbone_lr,
-                 head_lr=head_lr, epochs=epochs, bn_train=cfg.bn_train, device=device,
-                 weight_decay=head.weight_decay, momentum=head.momentum, nesterov=head.momentum > 0,
-                 milestones=[int(m) for m in cfg.milestones], gamma=cfg.gamma, on_step=on_step)
-    finally:
-        bar.close()
-    selected = "last"
-    if best["epoch"] is not None:
-        backbone.load_state_dict(best["backbone"])
-        head.load_state_dict(best["head"])
-        selected = "val-best"
-    best_epoch = best["epoch"] or epochs
-    backbone.eval()
-    head.eval()
+    def _select(self, epoch: int, record: dict) -> None:
+        """Validation episodes through the backbone as it is now; keep the first best of accuracy + AUROC."""
+        feats = _embed(self.backbone, self.pixels.augment, self.pixels.images, self.pixels.pos_of[self.val_rows],
+                       self.cfg.batch_size, self.device)
+        acc, auroc = _val_metrics(self.head, feats, self.val_batch)
+        record.update(val_acc=acc, val_auroc=auroc)
+        score = acc + (auroc if math.isfinite(auroc) else 0.0)  # the criterion of NegProtoHead.meta_train
+        if score > self.best["score"]:
+            self.best.update(score=score, epoch=epoch + 1,
+                             backbone={k: v.detach().clone() for k, v in self.backbone.state_dict().items()},
+                             head={k: v.detach().clone() for k, v in self.head.state_dict().items()})
 
-    # -- the new checkpoint: backbone + head + how they were made
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / CHECKPOINT_NAME
-    settings = {"tune_part": cfg.tune_part, "backbone_lr": cfg.backbone_lr, "head_lr": head_lr, "epochs": epochs,
-                "episodes_per_epoch": epe, "episodes_per_step": eps, "bn_train": cfg.bn_train,
-                "milestones": list(cfg.milestones), "gamma": cfg.gamma, "weight_decay": head.weight_decay,
-                "momentum": head.momentum, "ways": cfg.ways, "open_ways": cfg.open_ways, "shots": cfg.shots,
-                "queries": cfg.queries, "augment": plan, "augment_queries": cfg.augment_queries, "seed": cfg.seed,
-                "train_rule": cfg.train_rule, "val_rule": cfg.val_rule, "val_episodes": n_val,
-                "val_queries": val_queries if n_val else None}
-    record = {
-        "head": {"spec": cfg.head, "label": _finetuned_label(cfg.head), "feat_dim": backbone.feature_dim,
-                 "n_base_classes": n_base, "seed": cfg.seed, "base_memory": memory,
-                 "base_classes": [int(c) for c in base_classes]},
-        "data": {"source": source.describe(), "manifest_hash": source.manifest_hash(),
-                 "n_train": int(len(train_rows)), "n_val": int(len(val_rows))},
-        "transform": spec,
-        "history": history,
-        "best_epoch": best_epoch,
-        "selected": selected,
-    }
-    sha = write_finetuned(backbone, ckpt, head=head, classes=base_names, parent=cfg.checkpoint, settings=settings,
-                          provenance={"driver": "bench.fsor_finetune", "transform": spec, "fsor_finetune": record})
-    result = {"config": asdict(cfg), "checkpoint": str(ckpt), "checkpoint_sha256": sha,
-              "parent_checkpoint": str(cfg.checkpoint), "parent_sha256": parent_sha, "model": model_name,
-              "label": _finetuned_label(cfg.head), "settings": settings, **record,
-              "finetune_seconds": time.perf_counter() - started}
-    _write_json_atomic(out / RECORD_NAME, result)
-    if echo and not cfg.quiet:
-        kept = history[best_epoch - 1] if len(history) >= best_epoch else {}
-        val = (f"; val acc {kept['val_acc']:.4f}, auroc {kept['val_auroc']:.4f}" if "val_acc" in kept else "")
-        echo(f"fine-tuned {cfg.head} with {model_name} (tune_part {cfg.tune_part}): {epochs} epochs, kept epoch "
-             f"{best_epoch} ({selected}){val}; wrote {ckpt}")
-    return result
+    def close(self) -> None:
+        self.bar.close()
+
+    def restore_best(self) -> tuple[str, int]:
+        """Load the val-best weights where there were validation episodes; ("val-best" | "last", its epoch)."""
+        if self.best["epoch"] is None:
+            return "last", self.schedule.epochs
+        self.backbone.load_state_dict(self.best["backbone"])
+        self.head.load_state_dict(self.best["head"])
+        return "val-best", self.best["epoch"]
 
 
 def _evaluate_stage(cfg: FsorFinetuneConfig, result: dict, device: torch.device,
@@ -726,7 +855,7 @@ def _evaluate_stage(cfg: FsorFinetuneConfig, result: dict, device: torch.device,
                        seed=cfg.seed, device=cfg.device, out=out, quiet=cfg.quiet,
                        echo=None if cfg.quiet else echo, ready_heads={_finetuned_label(cfg.head): ready})
     result.update(fsor=metrics, results=str(out / "results.json"), evaluate_seconds=time.perf_counter() - started)
-    _write_json_atomic(out / RECORD_NAME, result)
+    _write_record(out / RECORD_NAME, result)
     return result
 
 

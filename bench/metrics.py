@@ -25,8 +25,8 @@ Definitions:
   acceptance) through one point per distinct score (trapezoids). With every known correct it equals AUROC.
 - ``open_macro_f1``: the standard macro-F1 over all N + 1 labels (unknown = label N); a label never predicted
   scores 0 (= ``f1_score(labels, pred, labels=range(N + 1), average="macro", zero_division=0)``).
-- ``paper_f1``: the F1 of the FSOR papers (TANE / DNPG code, fsor.md section 4), macro-F1 averaged only over the
-  labels that appear in the predictions (= ``f1_score(labels, pred, labels=np.unique(pred), average="macro")``);
+- ``paper_f1``: the F1 of the FSOR papers' test code (TANE / DNPG), macro-F1 averaged only over the labels that
+  appear in the predictions (= ``f1_score(labels, pred, labels=np.unique(pred), average="macro")``);
   never-predicted classes do not count, so it is higher than the standard one. Report both, and say which is which.
 - ``mean_ci95``: mean and Student-t 95% half-width across episodes (re-exported from :mod:`bench.report`).
 """
@@ -39,27 +39,15 @@ import numpy as np
 import torch
 
 from bench.report import mean_ci95
+from heads.scores import batched_auroc, sorted_groups
+from heads.scores import score_pair as _pair
+from heads.scores import to_tensor as _t
 
 __all__ = [
     "topk_accuracy", "closed_accuracy", "auroc", "aupr", "fpr_at_95tpr", "oscr", "open_macro_f1", "paper_f1",
     "batched_auroc", "batched_aupr", "batched_fpr_at_95tpr", "batched_oscr", "batched_open_macro_f1",
     "batched_paper_f1", "batched_closed_accuracy", "open_predictions", "roc_points", "mean_ci95",
 ]
-
-
-def _t(x: Any, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    t = t.detach()
-    return t.to(dtype) if dtype is not None else t
-
-
-def _pair(scores: Any, is_unknown: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    s = _t(scores)
-    y = _t(is_unknown, dtype=None).bool()
-    if s.dim() != 2 or s.shape != y.shape:
-        raise ValueError(f"batched metrics need scores and labels of one shape [E, m]; got {tuple(s.shape)} and "
-                         f"{tuple(y.shape)}")
-    return s, y.to(s.device)
 
 
 def _single(fn, *args, name: str = "this metric") -> float:
@@ -101,41 +89,8 @@ def closed_accuracy(pred: Any, labels: Any) -> float:
     return _single(batched_closed_accuracy, pred, labels, name="closed_accuracy")
 
 
-# ------------------------------------------------------------------------------------------------ ranking helpers
-def _sorted_groups(s: torch.Tensor, descending: bool):
-    """Sort each row; return (order, sorted values, start index, end index) of each position's tie group."""
-    vals, order = torch.sort(s, dim=-1, descending=descending, stable=True)
-    E, m = s.shape
-    idx = torch.arange(m, device=s.device).expand(E, m)
-    new = torch.ones_like(vals, dtype=torch.bool)
-    new[:, 1:] = vals[:, 1:] != vals[:, :-1]
-    start = torch.where(new, idx, torch.zeros_like(idx)).cummax(dim=-1).values
-    last = torch.ones_like(vals, dtype=torch.bool)
-    last[:, :-1] = new[:, 1:]
-    end = torch.where(last, idx, torch.full_like(idx, m - 1)).flip(-1).cummin(dim=-1).values.flip(-1)
-    return order, vals, start, end, last
-
-
-def average_ranks(scores: Any) -> torch.Tensor:
-    """[E, m] 1-based ranks, ties get the average of their ranks (scipy.stats.rankdata 'average')."""
-    s = _t(scores)
-    order, _, start, end, _ = _sorted_groups(s, descending=False)
-    ranks_sorted = (start + end).double() / 2 + 1
-    return torch.empty_like(ranks_sorted).scatter_(-1, order, ranks_sorted)
-
-
 # ------------------------------------------------------------------------------------------------ detection
-def batched_auroc(scores: Any, is_unknown: Any) -> torch.Tensor:
-    """[E] AUROC with unknown positive (Mann-Whitney U on average ranks)."""
-    s, y = _pair(scores, is_unknown)
-    ranks = average_ranks(s)
-    pos = y.sum(-1).double()
-    neg = (~y).sum(-1).double()
-    u = (ranks * y).sum(-1) - pos * (pos + 1) / 2
-    out = u / (pos * neg)
-    return torch.where((pos > 0) & (neg > 0), out, torch.full_like(out, float("nan")))
-
-
+# The ranking helpers and the batched AUROC live in heads.scores (heads score episodes with them too).
 def auroc(scores: Any, is_unknown: Any) -> float:
     """AUROC of one episode, unknown positive (scikit-learn's roc_auc_score(is_unknown, scores))."""
     return _single(batched_auroc, scores, is_unknown, name="auroc")
@@ -148,7 +103,7 @@ def batched_aupr(scores: Any, is_unknown: Any, positive: str = "unknown") -> tor
         s, y = -s, ~y
     elif positive != "unknown":
         raise ValueError(f"positive must be 'unknown' or 'known', not {positive!r}")
-    order, _, _, end, _ = _sorted_groups(s, descending=True)
+    order, _, _, end, _ = sorted_groups(s, descending=True)
     ys = torch.gather(y, -1, order).double()
     tp = ys.cumsum(-1)
     m = s.shape[-1]
@@ -166,7 +121,7 @@ def aupr(scores: Any, is_unknown: Any, positive: str = "unknown") -> float:
 
 def _roc_at_group_ends(s: torch.Tensor, y: torch.Tensor):
     """TPR and FPR at every tie-group end of the descending sort (the ROC points) and the group-end mask."""
-    order, _, _, _, last = _sorted_groups(s, descending=True)
+    order, _, _, _, last = sorted_groups(s, descending=True)
     ys = torch.gather(y, -1, order).double()
     tp = ys.cumsum(-1)
     fp = (1 - ys).cumsum(-1)
@@ -206,7 +161,7 @@ def batched_oscr(scores: Any, is_unknown: Any, correct: Any) -> torch.Tensor:
     """
     s, y = _pair(scores, is_unknown)
     c = _t(correct, dtype=None).bool().to(s.device) & ~y
-    order, _, start, _, last = _sorted_groups(s, descending=False)  # most known first
+    order, _, start, _, last = sorted_groups(s, descending=False)  # most known first
     ys = torch.gather(y, -1, order).double()
     cs = torch.gather(c, -1, order).double()
     n_unknown = ys.sum(-1, keepdim=True)

@@ -5,115 +5,33 @@ a reference measured in the same run (interleaved with it where both are fast): 
 memmap of the same bytes, a FAISS search against the bare matrix product of the same sizes, an approximate
 search against the exact one.
 
-The benchmark is a set of sections, ``SECTIONS[name](args) -> list of result rows``. A row is a dict::
-
-    {section, figure, value, unit, reference, reference_name, ratio, ratio_is, target, passed, note}
-
-``ratio`` is defined per row by ``ratio_is`` (e.g. "memmap / store": higher is better); ``target`` is a string
-such as ">= 0.5" or None for context figures, and ``passed`` is True / False, or None where there is no target
-or the run was ``--quick`` (small sizes, not comparable with the targets). Later work adds a section by
-decorating a function with ``@section("name")``.
+The benchmark is a set of sections, ``SECTIONS[name](args) -> list of result rows`` (the row format and the
+registry: :mod:`bench.perf_common`). The store and knn sections live here; the others live in ``bench/perf_*.py``
+modules, which import :mod:`bench.perf_common` only and are imported by :func:`load_sections`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
+from bench.perf_common import SECTIONS, PerfArgs, log, make_row, section
 from bench.report import markdown_table, timer, timer_interleaved, write_results
 from featstore.errors import UserError
+from featstore.runtime import thread_limits
 
-SECTIONS: dict[str, Callable[["PerfArgs"], list[dict]]] = {}
+__all__ = ["SECTIONS", "PerfArgs", "log", "make_row", "section", "load_sections", "run_perf"]
 
 K = 10
 RECALL_TARGET = 0.95
 SPEEDUP_TARGET = 10.0
-
-
-def section(name: str):
-    """Register a benchmark section under ``name``."""
-
-    def register(fn):
-        SECTIONS[name] = fn
-        return fn
-
-    return register
-
-
-@dataclass
-class PerfArgs:
-    sections: tuple[str, ...] = ("store", "knn")
-    rows: int | None = None           # store section: 200,000; knn section: 100,000 base rows
-    dim: int | None = None            # 512 (synthetic data; a --store fixes its own dimension)
-    queries: int | None = None        # knn: 10,000 queries; store: 10,000 gathered rows
-    store: str | None = None          # a featstore store whose features replace the synthetic data
-    workdir: str | None = None        # where the store section writes its temporary store and .npy
-    compression: tuple[str, ...] = ()  # extra codecs to compare beside the uncompressed store (lz4, zstd)
-    seed: int = 0
-    quick: bool = False
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    out: str | None = None
-    notes: list[str] = field(default_factory=list)   # filled by sections: what the reader must know
-    extra: dict = field(default_factory=dict)        # filled by sections: tuning traces etc. for results.json
-
-    def config(self) -> dict:
-        d = asdict(self)
-        d.pop("notes"), d.pop("extra")
-        return d
-
-
-def log(msg: str) -> None:
-    """Stage messages on a terminal only (quiet when stderr is redirected)."""
-    if sys.stderr.isatty():
-        print(f"[perf] {msg}", file=sys.stderr, flush=True)
-
-
-def make_row(section_name: str, figure: str, value: float, *, unit: str = "s", reference: float | None = None,
-             reference_name: str | None = None, ratio: float | None = None, ratio_is: str | None = None,
-             target: str | None = None, passed: bool | None = None, quick: bool = False, note: str | None = None,
-             **extra: Any) -> dict:
-    row = {"section": section_name, "figure": figure, "value": float(value), "unit": unit,
-           "reference": None if reference is None else float(reference), "reference_name": reference_name,
-           "ratio": None if ratio is None else float(ratio), "ratio_is": ratio_is, "target": target,
-           "passed": None if (quick or target is None) else bool(passed), "note": note}
-    row.update(extra)
-    return row
-
-
-# ---------------------------------------------------------------------------------------------------- threads
-@contextlib.contextmanager
-def thread_limits(threads: int):
-    """The same thread count for numpy's BLAS, torch and FAISS (OpenMP) for the whole run."""
-    if threads < 1:
-        raise UserError(f"--threads must be at least 1, not {threads}")
-    from threadpoolctl import threadpool_limits
-
-    import faiss
-    import torch
-
-    from featstore.index import build_faiss
-
-    # featstore.index raises FAISS to all cores on its first use; make that happen now, before our setting.
-    build_faiss(np.zeros((1, 4), dtype=np.float32), "flat", "ip")
-    old_torch, old_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads):
-            yield
-    finally:
-        torch.set_num_threads(old_torch)
-        faiss.omp_set_num_threads(old_faiss)
 
 
 # ---------------------------------------------------------------------------------------------------- store
@@ -138,19 +56,12 @@ def _store_features(args: PerfArgs, n: int, d: int) -> tuple[np.ndarray, str]:
 
 
 def _build_store(path: Path, x: np.ndarray, compression: str, chunk_rows: int = 4096):
-    from featstore.store import FeatureStore, Layout
+    from featstore.store import Layout, write_store
 
     n, d = x.shape
     layout = Layout(n=n, dim=d, dtype="float16", chunk_rows=chunk_rows, compression=compression)
-    store = FeatureStore.create(path, layout, fingerprint={"bench": "perf", "rows": n, "dim": d},
-                                classes=["synthetic"], labels=np.zeros(n, dtype=np.int64))
-    try:
-        for i in range(store.n_chunks):
-            lo, hi = store.chunk_range(i)
-            store.write_chunk(i, x[lo:hi])
-    finally:
-        store.close()
-    return FeatureStore.open(path)
+    return write_store(path, layout, x, fingerprint={"bench": "perf", "rows": n, "dim": d},
+                       classes=["synthetic"], labels=np.zeros(n, dtype=np.int64))
 
 
 @section("store")
@@ -256,8 +167,8 @@ def store_section(args: PerfArgs) -> list[dict]:
                                  reference=tc["memmap"].best, reference_name="memmap[rows]",
                                  ratio=tc["memmap"].best / tc["store"].best, ratio_is="memmap / store", quick=q,
                                  note="context"))
-            del cstore
-        del mm, za, store
+            cstore = None   # closed before the folder is removed
+        mm = za = store = None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
@@ -398,7 +309,7 @@ def knn_section(args: PerfArgs) -> list[dict]:
         "numpy": lambda: np.matmul(q, x.T, out=buf),
         "torch": lambda: torch.matmul(tq, tx.T, out=tbuf),
     }, repeats=repeats, warmup=warmup)
-    del buf, tbuf
+    buf = tbuf = None
     exact_scores, exact_rows = t["flat"].result
     exact_rows = np.asarray(exact_rows)
     mm_name = min(("numpy", "torch"), key=lambda k: t[k].best)
@@ -486,7 +397,7 @@ def knn_section(args: PerfArgs) -> list[dict]:
         rows.append(make_row(S, f"{kind} recall@10 ({param} {chosen})", recall, unit="", reference=1.0,
                              reference_name="exact (flat) result", ratio=recall, ratio_is="recall",
                              target=f">= {RECALL_TARGET}", passed=recall >= RECALL_TARGET, quick=q_))
-        del index
+        index = None
     return rows
 
 
@@ -532,17 +443,20 @@ def _text_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def load_sections() -> dict[str, Callable[[PerfArgs], list[dict]]]:
-    """Register the sections that live beside their subjects (imported here, late, to keep ``bench perf --help``
-    fast and the imports acyclic) and return the registry."""
-    import bench.perf_extract  # noqa: F401  (registers "extract")
-    import bench.perf_fsor_meta  # noqa: F401  (registers "fsor-meta")
-    import bench.perf_train  # noqa: F401  (registers "train")
-    from bench.fsor import perf_fsor_section
-    from bench.lowshot import perf_lowshot_section
+#: the section modules beside this one (each registers its sections on import)
+SECTION_MODULES = ("bench.perf_extract", "bench.perf_train", "bench.perf_lowshot", "bench.perf_fsor",
+                   "bench.perf_fsor_meta")
 
-    SECTIONS.setdefault("fsor", perf_fsor_section)
-    SECTIONS.setdefault("lowshot", perf_lowshot_section)
+
+def load_sections() -> dict[str, Callable[[PerfArgs], list[dict]]]:
+    """Import the section modules (late, to keep ``bench perf --help`` fast) and return the registry. A module
+    that is not there (a partial checkout) leaves its sections out."""
+    import importlib
+    import importlib.util
+
+    for module in SECTION_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
     return SECTIONS
 
 
@@ -588,8 +502,7 @@ def run_perf(args: PerfArgs, echo: Callable[[str], None] = print) -> dict:
             from featstore.store import FeatureStore
 
             store = FeatureStore.open(args.store)
-        path = write_results(args.out, "perf", args.config(), metrics, store=store)
         md = ["# bench perf", "", *head, "", markdown_table(table, COLUMNS)]
-        (Path(args.out) / "perf.md").write_text("\n".join(md))
+        path = write_results(args.out, "perf", args.config(), metrics, store=store, markdown="\n".join(md))
         echo(f"\nwrote {path} and {Path(args.out) / 'perf.md'}")
     return metrics

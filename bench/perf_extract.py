@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.perf import PerfArgs, log, make_row, section
+from bench.perf_common import PerfArgs, log, make_row, section
 
 EXTRACT_TARGET = 0.85
 

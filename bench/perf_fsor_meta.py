@@ -4,9 +4,9 @@ through the backbone on images.
 Both sides run the identical meta-training step (``NegProtoHead.training_step``, SGD with Nesterov momentum, two
 episodes per step, each episode as primary and swapped task) on the identical (ways + open_ways)-way episodes; the
 only difference is where the support and query features come from: a row gather from the cached ``[n, D]`` matrix,
-or the frozen backbone's forward pass over the episode's images (the "-frozen" variant of fsor.md 7.2, which is
-what a cached store replaces). The ratio is reported, not held to a target: it is the backbone's cost per episode
-image over the head's own cost, so it grows with the backbone.
+or the frozen backbone's forward pass over the episode's images (meta-training on top of a frozen backbone,
+which is what a cached store replaces). The ratio is reported, not held to a target: it is the backbone's cost
+per episode image over the head's own cost, so it grows with the backbone.
 
 The images are random tensors of miniImageNet's shape (3 x 84 x 84 through ResNet-12, the FSOR papers' backbone;
 ``--quick``: 3 x 28 x 28 through Conv-4), the backbone is randomly initialised (speed does not depend on the
@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from bench.perf import PerfArgs, log, make_row, section
+from bench.perf_common import PerfArgs, log, make_row, section
 
 PAPER_EPISODES_PER_EPOCH = 600
 
@@ -29,11 +29,8 @@ def fsor_meta_section(args: PerfArgs) -> list[dict]:
     import torch
 
     from extract import backbones as bb
-    from heads.base import create_head
-    from heads._negproto_common import sample_episodes
-
-    import heads.dnpg  # noqa: F401  (registers "dnpg")
-    import heads.tane  # noqa: F401  (registers "tane")
+    from heads import sample_episodes
+    from heads.base import MetaTrainData, create_head
 
     if args.quick:
         model_name, channels, size, small_input, episodes = "conv4", 3, 28, True, 8
@@ -85,9 +82,10 @@ def fsor_meta_section(args: PerfArgs) -> list[dict]:
     onehot = torch.from_numpy((labels[None, :] == base[:, None]).astype(np.float32))
     base_weights = onehot @ cached / onehot.sum(1, keepdim=True)  # stand-in classifier rows: class means
     for head_name in ("tane", "dnpg"):
-        head = create_head(head_name, feat_dim=dim, n_base_classes=n_classes, seed=args.seed)
-        head.meta_train(cached, labels, rows, None, base_weights, args.seed, ways=ways, shots=shots,
-                        queries=queries, open_ways=open_ways, epochs=0)  # base memory / DNPG phase 2 only
+        # epochs 0: meta_train builds the base memory (and DNPG's phase 2) only; the timed epochs follow
+        head = create_head(head_name, feat_dim=dim, n_base_classes=n_classes, seed=args.seed, epochs=0)
+        head.meta_train(MetaTrainData(features=cached, labels=labels, train_rows=rows, base_weights=base_weights,
+                                      ways=ways, shots=shots, queries=queries, open_ways=open_ways), seed=args.seed)
         state = {k: v.clone() for k, v in head.state_dict().items()}
         log(f"fsor-meta: {head_name}, {episodes} episodes on cached features and through the backbone")
         times = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.perf import PerfArgs, log, make_row, section
+from bench.perf_common import PerfArgs, log, make_row, section
 
 TRAIN_TARGET = 0.8
 

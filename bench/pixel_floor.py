@@ -8,13 +8,12 @@ fit time, so that ``docs/results.md`` can set a representation's accuracy agains
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import click
 import numpy as np
 
+from featstore.atomic import write_json_atomic
 from featstore.errors import UserError
 
 
@@ -76,7 +75,7 @@ def pixel_floor_command(dataset, data_root, split, base_classes, val, val_seed, 
     result = pixel_floor(dataset, data_root=data_root, split=split, base_classes=base_classes, val=val,
                          val_seed=val_seed, image_size=image_size, C=C, max_iter=max_iter, seed=seed)
     if out:
-        Path(out).write_text(json.dumps(result, indent=2))
+        write_json_atomic(out, result)
     click.echo(f"pixel logistic regression, {result['classes']} classes, {result['n_train']} train / "
                f"{result['n_val']} val images at {image_size} px: top-1 {result['val_top1']:.2f}%, top-5 "
                f"{result['val_top5']:.2f}% ({result['seconds']:.0f} s)")

@@ -1,10 +1,10 @@
-"""Helpers every bench uses: results.json, markdown tables, mean and 95% CI, a wall-clock timer.
+"""The results writer of every bench, and what its reports share: markdown tables, mean and 95% CI, timers.
 
-Every bench writes one ``results.json`` per run (config, the fingerprint hash of the store it read, library
-versions, metrics, created time) through :func:`write_results`, and a markdown table made by
-:func:`markdown_table`. Timings on a shared machine are noisy: :func:`timer` reports the best and the median of
-several repeats after warm-up runs, and benches compare figures as ratios against a reference measured in the
-same run.
+Every bench writes its run through :func:`write_results`: ``results.json`` (config, the fingerprint hash of the
+store it read, library versions, metrics, created time) and, where the bench has them, a markdown report and PNG
+plots beside it, every file written atomically (:mod:`featstore.atomic`). Timings on a shared machine are noisy:
+:func:`timer` reports the best and the median of several repeats after warm-up runs, and benches compare figures
+as ratios against a reference measured in the same run.
 """
 
 from __future__ import annotations
@@ -18,19 +18,21 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from featstore.atomic import write_atomic, write_with
 
-def _jsonable(value: Any) -> Any:
+
+def jsonable(value: Any) -> Any:
     """Plain JSON types for numpy scalars / arrays, paths, tuples and sets; NaN and inf become null."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, (np.bool_, bool)):
         return bool(value)
     if isinstance(value, np.integer):
@@ -43,6 +45,9 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int)):
         return value
     return str(value)
+
+
+_jsonable = jsonable   # the name bench modules used before it became public
 
 
 def _versions() -> dict:
@@ -59,15 +64,23 @@ def _versions() -> dict:
     return versions
 
 
-def write_results(out_dir: str | os.PathLike, name: str, config: dict, metrics: Any, store: Any = None) -> Path:
-    """Write ``out_dir/results.json`` and return its path.
+def write_results(out_dir: str | os.PathLike, name: str, config: dict, metrics: Any, store: Any = None, *,
+                  markdown: str | None = None, markdown_name: str | None = None,
+                  plots: Mapping[str, Callable[[Path], None]] | None = None) -> Path:
+    """Write ``out_dir/results.json`` (and the report beside it); return the path of results.json.
 
     ``store`` (a :class:`featstore.store.FeatureStore`, optional) contributes its path, fingerprint hash and uuid,
-    so a result can always be traced back to the features it was measured on. The file is written under a
-    temporary name and renamed, so a failed run never leaves half a results file.
+    so a result can always be traced back to the features it was measured on. ``markdown``: the text of
+    ``<markdown_name or name>.md``; ``plots``: {file name: function drawing into the path it is given} (PNG by the
+    file name's suffix). The report comes first and results.json last, each under a temporary name renamed at the
+    end, so a failed run never leaves half a file and a results.json always has its report beside it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if markdown is not None:
+        write_atomic(out / f"{markdown_name or name}.md", markdown)
+    for filename, draw in (plots or {}).items():
+        write_with(out / filename, draw, suffix=Path(filename).suffix)
     payload: dict[str, Any] = {
         "bench": name,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -81,9 +94,7 @@ def write_results(out_dir: str | os.PathLike, name: str, config: dict, metrics: 
         payload["store"] = {"path": str(store.path), "fingerprint_hash": store.fingerprint_hash,
                             "store_uuid": store.store_uuid}
     path = out / "results.json"
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(jsonable(payload), indent=2, sort_keys=False) + "\n")
     return path
 
 

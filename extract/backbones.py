@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import inspect
 import io
 import os
-import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -42,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featstore.atomic import write_with
+from featstore.checkpoint import load_weights_only, sha256_file
 from featstore.errors import UserError
 
 __all__ = [
@@ -69,7 +68,8 @@ CLASSIFIER_PREFIXES = ("fc.", "classifier.", "linear.", "cls_classifier.")
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-# miniImageNet statistics of the RFS pickles used by the FSOR papers (fsor.md, section 1).
+# miniImageNet statistics of the RFS pickles (Tian et al., "Rethinking Few-Shot Image Classification", ECCV 2020),
+# the data TANE and DNPG train and test on.
 MINI_IMAGENET_NORMALIZE = {
     "mean": [120.39586422 / 255.0, 115.59361427 / 255.0, 104.54012653 / 255.0],
     "std": [70.68188272 / 255.0, 68.27635443 / 255.0, 72.54505529 / 255.0],
@@ -99,9 +99,9 @@ class Backbone(nn.Module):
     - ``has_pretrained``: whether ``create_backbone(name, pretrained=True)`` can load weights for it.
 
     Set by :func:`create_backbone`: ``name``, ``small_input``, ``pretrained``, ``model_options`` (the factory
-    keywords it was built with, saved in checkpoints so that extraction rebuilds the same network). Pretrained models also carry
-    ``pretrained_classifier`` (a dict of CPU tensors of the original classifier head, not part of the state dict)
-    and ``weights_provenance`` (where the weights came from, with their SHA-256).
+    keywords it was built with, saved in checkpoints so that extraction rebuilds the same network). Pretrained models
+    also carry ``pretrained_classifier`` (a dict of CPU tensors of the original classifier head, not part of the
+    state dict) and ``weights_provenance`` (where the weights came from, with their SHA-256).
     """
 
     feature_dim: int
@@ -291,7 +291,7 @@ def _torchvision_resnet(block: type, layers: list[int], small_input: bool, stem_
 
 @register_backbone("resnet10")
 def resnet10(*, small_input: bool = False, stem_stride: int = 1) -> Backbone:
-    """ResNet-10 of the low-shot benchmark (Hariharan & Girshick 2017; lowshot.md section 3), 512-d.
+    """ResNet-10 of the low-shot benchmark (Hariharan & Girshick 2017), 512-d.
 
     7x7/2 stem conv + 3x3/2 max-pool, then one basic block per stage (64-128-256-512), stages 2-4 with a 1x1
     stride-2 conv + BN projection shortcut; no conv has a bias; convs normal with std sqrt(2 / (k*k*out)), BN 1/0.
@@ -419,7 +419,7 @@ class ResNet12Block(nn.Module):
 
 
 class ResNet12(Backbone):
-    """ResNet-12 of the few-shot literature (MetaOptNet, Lee et al. 2019; TANE/DNPG, fsor.md section 2.1), 640-d.
+    """ResNet-12 of the few-shot literature (MetaOptNet, Lee et al. 2019; the backbone of TANE and DNPG), 640-d.
 
     Stages ``layer1..layer4`` (each a one-block Sequential) of widths 64-160-320-640, each halving the resolution:
     84 px -> map ``[B, 640, 5, 5]``; 32 px -> ``[B, 640, 2, 2]``; pooled ``[B, 640]``, mostly non-negative.
@@ -718,20 +718,6 @@ def _package_versions(names: Iterable[str]) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in ``chunk_bytes`` pieces (checkpoints can be larger than memory allows)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(chunk_bytes):
-                digest.update(chunk)
-    except FileNotFoundError:
-        raise UserError(f"file {path} not found; check the path") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder, not a file; give the path of the checkpoint file") from None
-    return digest.hexdigest()
-
-
 _RESERVED_KEYS = ("format", "version", "model", "small_input", "model_options", "state_dict", "classifier", "classes",
                   "provenance")
 
@@ -779,8 +765,9 @@ def save_checkpoint(
 
     The file is a dict ``{"format": "featstore-checkpoint", "version": 1, "model", "small_input", "model_options",
     "state_dict", "classifier", "classes", "provenance", **extra}`` of tensors, lists, dicts, str and numbers only,
-    so it loads with ``torch.load(weights_only=True)``. Tensors are saved on the CPU. A crash never leaves a half-written
-    file at ``path``: the data go to a temporary file in the same folder, which then replaces ``path``.
+    so it loads with ``torch.load(weights_only=True)``. Tensors are saved on the CPU. A crash never leaves a
+    half-written file at ``path``: the data go to a temporary file in the same folder, which then replaces ``path``
+    (:mod:`featstore.atomic`).
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -805,17 +792,7 @@ def save_checkpoint(
             raise UserError(f"extra key {key!r} is reserved by the checkpoint format; rename it")
         payload[key] = value
     _check_plain(payload, "checkpoint")
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(handle.name)
-        raise
+    write_with(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -833,25 +810,6 @@ def _strip_wrapper_prefixes(key: str) -> str:
                 key = key[len(prefix):]
                 stripped = True
     return key
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
-            raise UserError(
-                f"checkpoint {path} holds Python objects beyond tensors and plain data; "
-                "re-save just its state dict (torch.save(model.state_dict(), path)) and load that"
-            ) from None
-        raise UserError(f"{path} is not a torch checkpoint ({_first_line(exc)}); check the path") from None
-    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for foreign bytes
-        raise UserError(f"{path} is not a torch checkpoint ({_first_line(exc)}); check the path") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__
 
 
 def _shape(value: torch.Tensor) -> list[int]:
@@ -874,12 +832,8 @@ def load_checkpoint(model: Backbone, path: str | os.PathLike[str]) -> dict[str, 
     file, a file that is not a torch checkpoint, or weights that do not fit.
     """
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} not found; check the path")
-    if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder; give the path of the checkpoint file")
+    raw = load_weights_only(path)
     digest = sha256_file(path)
-    raw = _torch_load(path)
 
     classes = None
     classifier: Any = None

@@ -23,7 +23,7 @@ from featstore.cli_support import main_entry
               "native size for small images).")
 @click.option("--small-input/--imagenet-stem", default=None,
               help="Stem for 28-32 px inputs (default: chosen from the input size).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--chunk-rows", type=int, default=4096, show_default=True, help="Rows per Zarr chunk.")
@@ -33,15 +33,18 @@ from featstore.cli_support import main_entry
 @click.option("--maps", "maps_layer", default=None, metavar="LAYER", help="Also store the spatial maps of LAYER.")
 @click.option("--views", type=int, default=0, show_default=True, help="Extra augmented views per sample.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of random weights (--random-init) and of the augmented --views.")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch, BLAS and FAISS [default: leave the thread pools as they are].")
 @click.option("--limit", type=int, default=None, help="Only the first N samples (quick looks).")
-@click.option("--no-channels-last", is_flag=True, help="Keep NCHW layout (channels-last is faster on CPU).")
-@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Channels-last memory layout (faster on CPU); --no-channels-last keeps NCHW.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.pass_context
 def cli(ctx: click.Context, model, out, dataset, data_root, split, checkpoint, random_init, image_size, small_input,
         batch_size, workers, dtype, chunk_rows, compression, shard_rows, maps_layer, views, device, seed, threads,
-        limit, no_channels_last, quiet):
+        limit, channels_last, quiet):
     """Extract features of a data set through a backbone into a Zarr feature store (resumable)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -53,7 +56,7 @@ def cli(ctx: click.Context, model, out, dataset, data_root, split, checkpoint, r
                         checkpoint=checkpoint, random_init=random_init, image_size=image_size,
                         small_input=small_input, batch_size=batch_size, workers=workers, dtype=dtype,
                         chunk_rows=chunk_rows, compression=compression, shard_rows=shard_rows, maps=maps_layer,
-                        views=views, device=device, seed=seed, channels_last=not no_channels_last, threads=threads,
+                        views=views, device=device, seed=seed, channels_last=channels_last, threads=threads,
                         quiet=quiet, limit=limit)
     result = run_extraction(cfg)
     if not quiet and dist_info()[0] == 0:

@@ -424,7 +424,8 @@ def read_idx(path: str | os.PathLike, magic: int | None = None) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
 
 
 @register_source("fashion-mnist")
@@ -798,7 +799,8 @@ class OmniglotSource(Source):
                         continue
                     for f in os.scandir(char.path):
                         if f.name.lower().endswith(".png") and not f.name.startswith(".") and f.is_file():
-                            out.append((f"{top}/{alpha.name}/{char.name}", f"{top}/{alpha.name}/{char.name}/{f.name}", -1))
+                            character = f"{top}/{alpha.name}/{char.name}"
+                            out.append((character, f"{character}/{f.name}", -1))
             return out
         arch = _Archive(path)
         self._archives[s] = arch
@@ -1054,7 +1056,8 @@ class ImageNetLowShotSource(Source):
         names = [str(c) for c in idx["label_names"]]
         if [str(c) for c in lst["label_names"]] != names:
             raise UserError(
-                f"label_names of {root / (list + '.json')} differ from label_idx.json; both must use the same custom order"
+                f"label_names of {root / (list + '.json')} differ from label_idx.json; both must use the same "
+                "custom order"
             )
         image_names, image_labels = lst["image_names"], lst["image_labels"]
         if (
@@ -1144,7 +1147,8 @@ def _check_spec(spec: dict) -> dict:
     norm = spec.get("normalize", "none")
     if isinstance(norm, str):
         if norm not in ("imagenet", "tflite", "none"):
-            raise UserError(f"unknown normalize {norm!r}; use imagenet, tflite, none or {{'mean': [...], 'std': [...]}}")
+            raise UserError(f"unknown normalize {norm!r}; use imagenet, tflite, none or "
+                            "{'mean': [...], 'std': [...]}")
         if norm == "imagenet" and channels != 3:
             raise UserError("normalize 'imagenet' needs channels 3; give {'mean': [m], 'std': [s]} for one channel")
         norm_c: Any = norm
@@ -1282,7 +1286,7 @@ def build_augment(
     kind "fsor": random resized crop of the whole image (area fraction in ``scale``, aspect ratio in ``ratio``,
     torchvision's 10 tries then centre fallback) straight to size x size, horizontal flip with p 0.5, then the
     spec's normalisation. kind "padcrop": the clean framing, zero padding of ``pad`` pixels, a random
-    size x size crop, flip (the recipe of fsor.md's support views). Every call draws a fixed number of values
+    size x size crop, flip (the support views of TANE and DNPG). Every call draws a fixed number of values
     from the generator and nothing from the global RNGs, so the same generator seed gives the same view and
     view k of a seeded generator does not depend on the image sizes seen before. The callable carries
     ``.recipe`` (JSON) for the store's attributes.

@@ -1,8 +1,8 @@
 """Training losses of the representation stage: cross-entropy plus a feature-shrinking or rotation term.
 
-Notation (lowshot.md section 4.2): ``x_i`` is the pooled feature of example i (``features [B, d]``), ``s_i = W x_i``
-its logits (``logits [B, C]``; no bias in the low-shot recipe), ``p_i = softmax(s_i)``, ``y_i`` the one-hot label,
-B the batch size.
+Notation (as in Hariharan & Girshick, ICCV 2017): ``x_i`` is the pooled feature of example i (``features [B, d]``),
+``s_i = W x_i`` its logits (``logits [B, C]``; no bias in the low-shot recipe), ``p_i = softmax(s_i)``, ``y_i`` the
+one-hot label, B the batch size.
 
 ==============  ==========================================================  ===============================
 term            value                                                       paper
@@ -43,7 +43,8 @@ __all__ = [
 ]
 
 AUX_KINDS = ("none", "sgm", "batchsgm", "l2")
-# lowshot.md section 4.2, ResNet-10 rows (for reference and CLI help; never applied silently)
+# the published lambdas of the ResNet-10 rows (Hariharan & Girshick 2017; for reference and CLI help, never
+# applied silently)
 PUBLISHED_AUX_WEIGHTS = {"sgm": 0.02, "batchsgm": 5.0, "l2": 0.03}
 
 
@@ -100,9 +101,9 @@ def rotate_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Rotation-major order: rows ``k*B .. (k+1)*B - 1`` hold every image turned by ``k * 90`` degrees
     counter-clockwise (as displayed, row 0 at the top; ``torch.rot90(x, k, (-2, -1))``), with label k. The class
     labels of the expanded batch are therefore ``targets.repeat(4)``. Non-square images are refused (90-degree
-    turns would change their shape). Used by the rotation-invariant CE of TANE and the rotation head of DNPG
-    (fsor.md section 2.2; Gidaris et al., "Unsupervised Representation Learning by Predicting Image Rotations",
-    ICLR 2018).
+    turns would change their shape). Used by the rotation-invariant CE of TANE and the rotation head of DNPG in
+    their pretraining (Gidaris et al., "Unsupervised Representation Learning by Predicting Image Rotations", ICLR
+    2018).
     """
     if x.ndim != 4:
         raise ValueError(f"rotate_batch expects [B, C, H, W], got {tuple(x.shape)}")
@@ -117,7 +118,7 @@ class AuxLoss(nn.Module):
     """``CE(logits, targets) + weight * aux + rotation_weight * CE(rot_logits, rot_targets)``.
 
     ``kind``: "none" (the baseline; ``weight`` must be 0), "sgm", "batchsgm" or "l2" (``weight`` must be > 0:
-    there is no hidden default; lowshot.md's published values are in :data:`PUBLISHED_AUX_WEIGHTS`).
+    there is no hidden default; the published values are in :data:`PUBLISHED_AUX_WEIGHTS`).
     ``rotation_weight`` (DNPG: 0.7) applies only when rotation logits are passed.
 
     ``forward(features [B, d], logits [B, C], targets [B], rot_logits [B, 4] = None, rot_targets [B] = None)``
@@ -133,7 +134,7 @@ class AuxLoss(nn.Module):
             raise UserError(f"an auxiliary weight ({weight}) needs an auxiliary loss; pick sgm, batchsgm or l2")
         if kind != "none" and not weight > 0:
             raise UserError(f"auxiliary loss {kind} needs a positive weight, e.g. {PUBLISHED_AUX_WEIGHTS[kind]} "
-                            "(lowshot.md 4.2)")
+                            "(the published ResNet-10 value)")
         if rotation_weight < 0:
             raise UserError(f"rotation weight must be >= 0, got {rotation_weight}")
         self.kind, self.weight, self.detach_p = kind, float(weight), bool(detach_p)
@@ -164,4 +165,5 @@ class AuxLoss(nn.Module):
         return {"loss": total, "ce": ce.detach(), "aux": aux.detach(), "rot": rot.detach()}
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, weight={self.weight}, detach_p={self.detach_p}, rotation_weight={self.rotation_weight}"
+        return (f"kind={self.kind}, weight={self.weight}, detach_p={self.detach_p}, "
+                f"rotation_weight={self.rotation_weight}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from extract import backbones as bb
 from extract import datasets as ds
+from featstore.checkpoint import load_weights_only
 from featstore.errors import UserError
+from featstore.runtime import progress_bar, resolve_device, thread_limits
 from featstore.store import FeatureStore, Layout
 
 
@@ -115,13 +116,9 @@ def rank_chunks(n_chunks: int, rank: int, world: int) -> range:
 
 # ---------------------------------------------------------------------------- model and weights
 def peek_checkpoint(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"checkpoint {path} not found; check the path")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"checkpoint {path} is not a torch checkpoint: {str(exc).splitlines()[0]}") from None
+    """The checkpoint's top-level dict before any model is built ({} for a file that holds something else, which
+    :func:`extract.backbones.load_checkpoint` then refuses with the reason). One line for an unreadable file."""
+    obj = load_weights_only(Path(path))
     return obj if isinstance(obj, dict) else {}
 
 
@@ -162,14 +159,6 @@ def prepare_model(cfg: ExtractConfig, source: ds.Source) -> tuple[bb.Backbone, d
                             f"--checkpoint FILE (random features are a debugging aid: --random-init)")
     weights["small_input"] = small_input
     return model, weights, ckpt_info
-
-
-def check_device(device: str) -> None:
-    """A one-line error for a --device that is neither cpu nor cuda[:N], or cuda where torch sees no GPU."""
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"--device must be cpu or cuda[:N], not {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no GPU; use --device cpu")
 
 
 def wants_small_input(model: str, size: int | None) -> bool:
@@ -319,12 +308,6 @@ class _ChunkWriter:
 
 
 # ---------------------------------------------------------------------------- the loop
-def _progress(total: int, quiet: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", desc=desc, disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-
-
 def fingerprint_for(cfg: ExtractConfig, source: ds.Source, spec: dict, weights: dict) -> dict:
     import torchvision
 
@@ -353,13 +336,16 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
         raise UserError(f"--views must be >= 0, not {cfg.views}")
     if cfg.workers < 0:
         raise UserError(f"--workers must be >= 0, not {cfg.workers}")
-    check_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    with thread_limits(cfg.threads):
+        return _run_extraction(cfg, device)
+
+
+def _run_extraction(cfg: ExtractConfig, device: torch.device) -> ExtractResult:
     distributed = _init_dist(cfg.device)
     rank, world = dist_info()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and distributed
-                          else cfg.device)
+    if cfg.device == "cuda" and distributed:   # one GPU per torchrun process
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
 
     source = ds.open_source(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.source_options)
     if cfg.limit is not None:
@@ -436,7 +422,8 @@ def _extract_chunks(cfg: ExtractConfig, store: FeatureStore, source: ds.Source, 
         views = np.concatenate(view_parts, axis=1) if view_parts else None
         writer.put((current, feats, maps, views))
 
-    progress = _progress(rows_todo, cfg.quiet, f"extract {cfg.model}" + (f" [rank {rank}]" if world > 1 else ""))
+    progress = progress_bar(rows_todo, f"extract {cfg.model}" + (f" [rank {rank}]" if world > 1 else ""),
+                            quiet=cfg.quiet, unit="img", leave=True)
     try:
         with torch.inference_mode():
             for x, views, index, errors in loader:

@@ -9,11 +9,11 @@ data source, evaluates top-1 / top-5 on a held-out part of every base class afte
 config, the data manifest hash and the base/novel class split (``provenance``), and under ``train_state`` the
 optimizer and RNG states that ``resume`` needs.
 
-Recipe (lowshot.md 4): loss = mean CE + lambda * aux (SGM / batch SGM / L2, :mod:`extract.losses`; the default is
-the baseline, lambda = 0), SGD momentum 0.9, weight decay on every parameter, lr x gamma every ``step_epochs``
-(or cosine), optional constant warm-up lr. FSOR pretraining (fsor.md 2.2): ``rotation="invariant"`` expands
-every batch to its four 90-degree rotations with the class label (TANE), ``rotation="aux"`` adds a 4-way
-rotation head with weight 0.7 (DNPG).
+Recipe (Hariharan & Girshick, ICCV 2017, and its original code): loss = mean CE + lambda * aux (SGM / batch SGM / L2,
+:mod:`extract.losses`; the default is the baseline, lambda = 0), SGD momentum 0.9, weight decay on every parameter, lr x
+gamma every ``step_epochs`` (or cosine), optional constant warm-up lr. FSOR pretraining (TANE, Huang et al. CVPR 2022;
+DNPG, Zhang et al. ACM MM 2024): ``rotation="invariant"`` expands every batch to its four 90-degree rotations with the
+class label (TANE), ``rotation="aux"`` adds a 4-way rotation head with weight 0.7 (DNPG).
 
 Speed on small CPUs: the base-class images are decoded once into a uint8 tensor ``[N, C, R, R]`` when they fit
 (``memory_limit_gb``), and every augmentation runs batched on tensors (pad + random shift, random resized crop
@@ -30,10 +30,10 @@ Distributed: under ``torchrun`` every rank takes a DistributedSampler-style shar
 ``ceil(batch_size / world)``, so the global batch stays about ``batch_size``; gradients are averaged by DDP (gloo
 on CPU, nccl on CUDA); batch SGM is computed per rank. Rank 0 writes every file. A plain process runs unchanged.
 
-Fine-tuning (fsor.md 7): :func:`set_trainable_stages`, :func:`param_groups`, :func:`set_bn_mode`,
-:func:`finetune` and :func:`write_finetuned` train a backbone together with any head module and save the result
-as a new checkpoint, from which ``extract.run`` builds a new store (the store's fingerprint holds the checkpoint's
-sha256, so features of the old trunk are never reused).
+Fine-tuning (the joint backbone + head stage of TANE and DNPG): :func:`set_trainable_stages`, :func:`param_groups`,
+:func:`set_bn_mode`, :func:`finetune` and :func:`write_finetuned` train a backbone together with any head module and
+save the result as a new checkpoint, from which ``extract.run`` builds a new store (the store's fingerprint holds the
+checkpoint's sha256, so features of the old trunk are never reused).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -62,9 +61,12 @@ from torch import nn
 from extract import backbones as bb
 from extract import datasets as ds
 from extract.losses import AUX_KINDS, AuxLoss, rotate_batch
-from extract.run import check_device, wants_small_input
-from featstore.errors import UserError
+from extract.run import _barrier, dist_info, wants_small_input
+from featstore.atomic import write_json_atomic, write_with
+from featstore.checkpoint import load_weights_only
+from featstore.errors import CheckpointError, UserError
 from featstore.rules import select_mask
+from featstore.runtime import check_threads, progress_bar, resolve_device, thread_limits
 
 __all__ = [
     "TrainConfig",
@@ -73,6 +75,8 @@ __all__ = [
     "holdout",
     "resolve_augment",
     "BatchAugment",
+    "FramedImages",
+    "load_training_data",
     "lr_at",
     "set_trainable_stages",
     "param_groups",
@@ -112,13 +116,13 @@ class TrainConfig:
     ``"none"`` (no validation). ``image_size``/``small_input`` default as in ``extract`` (the model's input size;
     the small-image stem for sources of 64 px or less).
 
-    Optimisation (defaults: lowshot.md 4.1): ``optimizer`` sgd|adam, ``lr``, ``momentum``, ``nesterov``,
+    Optimisation (defaults: the low-shot recipe): ``optimizer`` sgd|adam, ``lr``, ``momentum``, ``nesterov``,
     ``weight_decay`` (every parameter), ``schedule`` step|cosine, ``step_epochs`` (one value: a period; several:
     milestones), ``gamma``, ``warmup_epochs`` at the constant ``warmup_lr`` (default lr / 10).
     ``aux`` none|sgm|batchsgm|l2 with ``aux_weight`` (baseline: none / 0), ``detach_p``; ``rotation``
     none|invariant|aux with ``rotation_weight`` (0.7, only for aux). ``augment``: auto (<= 64 px: random shift of
     ``shift`` px (default size/10, 1..4) by replicate padding + crop, plus a flip for natural images; larger:
-    random resized crop 8-100% area + colour jitter 0.4 + flip, lowshot.md 4.1) | none | shift | shift-flip |
+    random resized crop 8-100% area + colour jitter 0.4 + flip, the low-shot recipe) | none | shift | shift-flip |
     lowshot. ``bias``: classifier bias (the low-shot recipe has none).
 
     Run: ``checkpoint_every`` K epochs (and the last), ``steps_per_epoch`` (cap, for quick runs), ``seed``,
@@ -210,7 +214,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"--shift must be >= 0, not {cfg.shift}")
     if cfg.workers < 0:
         raise UserError(f"--workers must be >= 0, not {cfg.workers}")
-    check_device(cfg.device)
+    resolve_device(cfg.device)
+    check_threads(cfg.threads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,7 +342,7 @@ def resolve_augment(kind: str, size: int, source_name: str, shift: int | None = 
     clamped to 1..4: 3 px at 28-32 px), with a horizontal flip unless the source holds characters
     (:data:`NO_FLIP_SOURCES`); larger -> "lowshot" (random resized crop of 8-100% of the area, aspect 3/4-4/3,
     brightness / contrast / saturation jitter 0.4 one after another, flip (again not for characters);
-    lowshot.md 4.1). An explicit "lowshot" always flips.
+    the low-shot recipe). An explicit "lowshot" always flips.
     """
     flip = True
     if kind == "auto":
@@ -482,14 +487,19 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Frames(torch.utils.data.Dataset):
-    """Position k -> the framed uint8 image ``[Cs, R, R]`` of source sample ``indices[k]`` (or an error line)."""
+class FramedImages(torch.utils.data.Dataset):
+    """Position k -> ``(image, error)``: the framed uint8 image ``[Cs, R, R]`` of source sample ``indices[k]`` and
+    "", or :attr:`blank_like` and the one-line error of a file that cannot be read (raised by the caller, so that a
+    worker process never dies with a traceback).
+
+    ``frame_spec``: what is decoded (``size``, ``resize``, ``channels``, ``normalize`` "none", ``interpolation``);
+    ``blank_like`` is a zero image of the shape and dtype every item has."""
 
     def __init__(self, source: ds.Source, indices: np.ndarray, frame_spec: dict) -> None:
         self.source, self.indices = source, np.asarray(indices, dtype=np.int64)
         self.transform = ds.build_transform(frame_spec)
         c, r = frame_spec["channels"], frame_spec["size"]
-        self._blank = torch.zeros(c, r, r, dtype=torch.uint8)
+        self.blank_like = torch.zeros(c, r, r, dtype=torch.uint8)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -499,10 +509,10 @@ class _Frames(torch.utils.data.Dataset):
             x = self.transform(self.source.load(int(self.indices[k])))
             return (x * 255.0).round_().to(torch.uint8), ""
         except UserError as exc:
-            return self._blank, str(exc)
+            return self.blank_like, str(exc)
 
 
-def _loader(frames: _Frames, batches: list[list[int]], workers: int):
+def _loader(frames: FramedImages, batches: list[list[int]], workers: int):
     # its own generator: creating the loader must not draw from the global RNG (the training stream's)
     return torch.utils.data.DataLoader(frames, batch_sampler=batches, num_workers=workers,
                                        persistent_workers=False, prefetch_factor=4 if workers else None,
@@ -539,7 +549,7 @@ class _Data:
 
     def load_batches(self, batches: list[list[int]]) -> Iterable[torch.Tensor]:
         """Decode the given batches of positions (worker processes when ``workers`` > 0), in order."""
-        frames = _Frames(self.source, self.sample_index, self.frame_spec)
+        frames = FramedImages(self.source, self.sample_index, self.frame_spec)
         if self.workers == 0:
             return (torch.stack([_checked_one(frames[k]) for k in b]) for b in batches)
         return (_checked(b) for b in _loader(frames, batches, self.workers))
@@ -599,13 +609,10 @@ def _prepare_data(cfg: TrainConfig, source: Any, spec: dict, progress: bool, dev
                  None, cfg.workers)
     n_bytes = len(sample_index) * store_channels * stored * stored
     if n_bytes <= cfg.memory_limit_gb * 2**30:
-        from tqdm import tqdm
-
         images = torch.empty(len(sample_index), store_channels, stored, stored, dtype=torch.uint8)
         chunk = 512
         batches = [list(range(s, min(len(sample_index), s + chunk))) for s in range(0, len(sample_index), chunk)]
-        bar = tqdm(total=len(sample_index), unit="img", desc="decode", disable=not progress, dynamic_ncols=True)
-        with bar:
+        with progress_bar(len(sample_index), "decode", quiet=not progress, unit="img", leave=True) as bar:
             for b, x in zip(batches, data.load_batches(batches)):
                 images[b[0]:b[-1] + 1] = x
                 bar.update(len(b))
@@ -641,8 +648,9 @@ def lr_at(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: int = 1)
     """The learning rate at ``step`` of ``epoch`` (0-based): warm-up, then step decay or per-step cosine to 0.
 
     Step schedule: ``lr * gamma ** k`` with k the number of milestones <= epoch (one ``step_epochs`` value is a
-    period: milestones at every multiple). Milestones count from epoch 0, as in lowshot.md (warm-up epochs only
-    override the rate). Cosine: from ``lr`` at the end of warm-up to 0 at the end of the last epoch.
+    period: milestones at every multiple). Milestones count from epoch 0, as in the original low-shot trainer
+    (warm-up epochs only override the rate). Cosine: from ``lr`` at the end of warm-up to 0 at the end of the last
+    epoch.
     """
     if epoch < cfg.warmup_epochs:
         return float(cfg.warmup_lr if cfg.warmup_lr is not None else cfg.lr / 10)
@@ -748,13 +756,9 @@ def _plain(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _init_dist(device: str) -> tuple[bool, bool]:
     """(distributed, initialised here)."""
-    _, world = _dist_info()
+    _, world = dist_info()
     if world <= 1:
         return False, False
     import torch.distributed as dist
@@ -773,13 +777,6 @@ def _all_sum(values: list[float], distributed: bool, device: torch.device) -> li
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def _barrier(distributed: bool) -> None:
-    if distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -806,23 +803,7 @@ def find_resume_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    handle = tempfile.NamedTemporaryFile(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle, open(src, "rb") as f:
-            shutil.copyfileobj(f, handle, 1 << 20)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(handle.name)
-        raise
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_with(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def plot_curve(history: list[dict], path: str | os.PathLike, title: str = "") -> None:
@@ -847,22 +828,15 @@ def plot_curve(history: list[dict], path: str | os.PathLike, title: str = "") ->
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_with(path, fig.savefig, suffix=".png")
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _progress(total: int, quiet: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="step", desc=desc, disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True,
-                leave=False)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -873,13 +847,16 @@ def train(cfg: TrainConfig) -> dict:
     ``resume`` and no checkpoint the run starts fresh. The caller's global RNG state is left as it was.
     """
     _validate(cfg)
-    previous_threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    with thread_limits(cfg.threads):
+        return _train_in_process(cfg)
+
+
+def _train_in_process(cfg: TrainConfig) -> dict:
+    device = resolve_device(cfg.device)
     distributed, owns_group = _init_dist(cfg.device)
-    rank, world = _dist_info()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and distributed
-                          else cfg.device)
+    rank, world = dist_info()
+    if cfg.device == "cuda" and distributed:   # one GPU per torchrun process
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -892,7 +869,6 @@ def train(cfg: TrainConfig) -> dict:
                 np.random.set_state(state[0])
                 random.setstate(state[1])
     finally:
-        torch.set_num_threads(previous_threads)
         if owns_group:
             import torch.distributed as dist
 
@@ -1009,7 +985,7 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int, distri
             if last or (epoch + 1) % cfg.checkpoint_every == 0:
                 _save(out, epoch + 1, cfg, net, optimizer, base_names, provenance_base, history, metrics)
                 metrics["checkpoint_sha256"] = bb.sha256_file(out / "last.pt")
-            _write_json_atomic(out / "metrics.json", metrics)
+            write_json_atomic(out / "metrics.json", metrics)
             plot_curve(history, out / "curve.png", f"{cfg.model} on {cfg.dataset}: {len(data.base)} classes")
         if show:
             from tqdm import tqdm
@@ -1019,7 +995,7 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int, distri
         _barrier(distributed)
     if rank == 0 and (out / "last.pt").is_file():
         metrics["checkpoint_sha256"] = bb.sha256_file(out / "last.pt")
-        _write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
 
@@ -1046,7 +1022,7 @@ def _train_epoch(cfg, ddp, net, optimizer, loss_fn, data, augment, batches, epoc
     ddp.train()
     sums = torch.zeros(6, dtype=torch.float64)
     steps = len(batches)
-    bar = _progress(steps, not show, f"epoch {epoch + 1}/{cfg.epochs}")
+    bar = progress_bar(steps, f"epoch {epoch + 1}/{cfg.epochs}", quiet=not show, unit="step")
     try:
         for step, (positions, x_u8) in enumerate(zip(batches, data.iterate(batches))):
             gen = torch.Generator().manual_seed(_derive(cfg.seed, "aug", epoch, step, rank))
@@ -1160,9 +1136,9 @@ def _save(out: Path, epochs_done: int, cfg: TrainConfig, net: _Net, optimizer, b
 def _load_resume(path: Path, cfg: TrainConfig, config_record: dict, net: _Net, optimizer, base_names,
                  device) -> tuple[int, list[dict]]:
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read {path} to resume ({str(exc).splitlines()[0][:100]}); delete it and resume "
+        raw = load_weights_only(path)
+    except CheckpointError as exc:
+        raise UserError(f"cannot read {path} to resume ({(exc.reason or str(exc))[:100]}); delete it and resume "
                         "from an older epoch_XXX.pt (rename it to last.pt)") from None
     state = raw.get(TRAIN_STATE_KEY) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or raw.get("format") != bb.CHECKPOINT_FORMAT:
@@ -1188,7 +1164,7 @@ def _load_resume(path: Path, cfg: TrainConfig, config_record: dict, net: _Net, o
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# fine-tuning (fsor.md 7)
+# fine-tuning (TANE / DNPG)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -1221,8 +1197,8 @@ def param_groups(backbone: nn.Module, head: nn.Module, backbone_lr: float, head_
                  weight_decay: float = 5e-4) -> list[dict]:
     """Optimizer groups: ``backbone`` (its parameters with ``requires_grad``, at ``backbone_lr``; left out when
     none or when the lr is 0) and ``head`` (at ``head_lr``), both with ``weight_decay``. Each group carries a
-    ``name``; schedules must scale each group from its own base lr (fsor.md 9.3: never set the backbone to the
-    head's rate)."""
+    ``name``; schedules must scale each group from its own base lr (setting the backbone to the head's rate
+    would wreck the pretrained trunk)."""
     groups = []
     trunk = [p for p in backbone.parameters() if p.requires_grad]
     if trunk and backbone_lr > 0:
@@ -1271,15 +1247,16 @@ def finetune(backbone: bb.Backbone, head: nn.Module,
     ``extra``); either re-iterable (a list, a DataLoader) or a callable ``epoch -> iterable``. ``loss_fn(head,
     features [B, d], labels, *extra) -> scalar`` (default: cross-entropy of ``head(features)``).
 
-    Semantics of TANE / DNPG (fsor.md 7.1): ``backbone_lr == 0`` or ``tune_part == 0`` is the frozen variant (the
-    backbone in eval mode, features without gradients: identical to cached features). Otherwise the backbone is in
-    train mode (dropout / DropBlock active) and ``bn_train`` decides whether BatchNorm layers of *all* stages
-    re-estimate their statistics on the fine-tuning batches (True, as the original) or keep them (False).
+    Semantics of TANE / DNPG (their fine-tuning code): ``backbone_lr == 0`` or ``tune_part == 0`` is the frozen
+    variant (the backbone in eval mode, features without gradients: identical to cached features). Otherwise the
+    backbone is in train mode (dropout / DropBlock active) and ``bn_train`` decides whether BatchNorm layers of
+    *all* stages re-estimate their statistics on the fine-tuning batches (True, as the original) or keep them
+    (False).
     Optimiser: SGD (Nesterov) momentum 0.9, weight decay 5e-4, two groups (:func:`param_groups`), each decayed by
     ``gamma`` at ``milestones`` (epochs) from its own base lr. ``on_step(epoch, step, loss)`` is called after every
     step; ``max_steps`` caps the steps per epoch. ``requires_grad`` flags are restored on return.
     """
-    device = torch.device(device)
+    device = resolve_device(device, option="device")
     if epochs <= 0:
         raise UserError(f"epochs must be positive, not {epochs}")
     if not callable(batches) and iter(batches) is batches and epochs > 1:
@@ -1409,12 +1386,14 @@ def _parse_model_options(_ctx, _param, values: tuple[str, ...]) -> dict:
 @click.option("--model-option", "model_options", multiple=True, callback=_parse_model_options, metavar="KEY=VALUE",
               help="Backbone option, e.g. drop_rate=0.1 (repeatable).")
 @click.option("--epochs", type=int, default=90, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Global batch (split over ranks).")
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Images per training step (the global batch, split over torchrun ranks).")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True)
 @click.option("--lr", type=float, default=0.1, show_default=True)
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--nesterov/--no-nesterov", default=False, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--weight-decay", "--wd", "weight_decay", type=float, default=1e-4, show_default=True,
+              help="L2 weight decay on every parameter (--wd is the same option).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="step", show_default=True)
 @click.option("--step-epochs", default="30", show_default=True, callback=_parse_steps,
               help="Step schedule: one period (30) or milestones (30,60).")
@@ -1422,7 +1401,7 @@ def _parse_model_options(_ctx, _param, values: tuple[str, ...]) -> dict:
 @click.option("--warmup-epochs", type=int, default=0, show_default=True)
 @click.option("--warmup-lr", type=float, default=None, help="Constant lr of the warm-up epochs (default lr/10).")
 @click.option("--aux", type=click.Choice(AUX_KINDS), default="none", show_default=True,
-              help="Auxiliary loss (lowshot.md 4.2); the baseline is none.")
+              help="Auxiliary loss (Hariharan & Girshick 2017); the baseline is none.")
 @click.option("--aux-weight", type=float, default=0.0, show_default=True,
               help="lambda (published ResNet-10: sgm 0.02, batchsgm 5, l2 0.03).")
 @click.option("--detach-p", is_flag=True, help="Treat softmax p as a constant in SGM / batch SGM.")
@@ -1434,20 +1413,22 @@ def _parse_model_options(_ctx, _param, values: tuple[str, ...]) -> dict:
 @click.option("--bias/--no-bias", default=False, show_default=True, help="Classifier bias.")
 @click.option("--checkpoint-every", type=int, default=10, show_default=True, help="Checkpoint every K epochs.")
 @click.option("--steps-per-epoch", type=int, default=None, help="Cap on steps per epoch (quick runs).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the model init, the shuffles and the augmentations.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--workers", type=int, default=0, show_default=True, help="Decode worker processes.")
-@click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch, BLAS and FAISS [default: leave the thread pools as they are].")
 @click.option("--channels-last/--no-channels-last", default=False, show_default=True)
 @click.option("--memory-limit-gb", type=float, default=8.0, show_default=True,
               help="Decode the images into memory when they take less than this; else stream.")
-@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 def train_command(**options: Any) -> None:
     """Train a backbone + linear classifier on the base classes of a data set (checkpoints for `extract`)."""
     cfg = TrainConfig(**options)
     metrics = train(cfg)
-    if not cfg.quiet and _dist_info()[0] == 0:
+    if not cfg.quiet and dist_info()[0] == 0:
         final = metrics.get("final") or {}
         click.echo(f"{metrics['checkpoint']}: {metrics['epochs_done']} epochs, {metrics['seconds']:.1f} s; "
                    f"val top-1 {_fmt(final.get('val_top1'))}, top-5 {_fmt(final.get('val_top5'))}")

@@ -15,8 +15,9 @@ makes a batch of thousands of episodes a handful of numpy array operations:
   (``K + Q`` steps, whatever the class sizes), put in random order by sorted keys (support first, then queries);
 - support views: keys ``[E, N * K, V]`` over the store's cached views, the first ``views_per_support``.
 
-So identical episodes are seen by every head, run and machine for one seed (fsor.md section 3.2), and the view
-choice of the support augmentation is seeded from the episode too.
+So identical episodes are seen by every head, run and machine for one seed (heads are compared on the same
+episodes, not just on the same number of them), and the view choice of the support augmentation is seeded from
+the episode too.
 
 Layout of an :class:`EpisodeBatch` (E episodes; all row ids are *store rows*):
 

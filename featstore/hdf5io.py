@@ -1,6 +1,7 @@
 """The low-shot paper's HDF5 feature files, both ways.
 
-Layout (Hariharan & Girshick 2017; see methods/lowshot.md section 5)::
+Layout of the files that ``save_features.py`` of the original code writes (Hariharan & Girshick 2017,
+facebookresearch/low-shot-shrink-hallucinate)::
 
     all_feats   float32 [max_count, d]   row i = sample i of the list
     all_labels  int32   [max_count]
@@ -12,25 +13,24 @@ The original files pad ``all_feats`` / ``all_labels`` to a multiple of the batch
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from featstore.errors import UserError
+from featstore.atomic import atomic_path
+from featstore.checkpoint import sha256_file
+from featstore.errors import IncompleteStoreError, UserError
+from featstore.runtime import progress_bar
 from featstore.store import FeatureStore, Layout
 
 HDF5_DATASETS = ("all_feats", "all_labels", "count")
 
 
 def _bar(total: int, desc: str, progress: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="rows", disable=not progress, leave=False, file=sys.stderr)
+    return progress_bar(total, desc, quiet=not progress, unit="rows")
 
 
 def export_hdf5(store: FeatureStore | str | os.PathLike, out_path: str | os.PathLike, split: str | None = None,
@@ -54,8 +54,8 @@ def export_hdf5(store: FeatureStore | str | os.PathLike, out_path: str | os.Path
     done = store.done_rows()
     if (rows is None and not done.all()) or (rows is not None and not done[rows].all()):
         chunks = store.done_chunks()
-        raise UserError(f"store {store.path} is not complete ({int(chunks.sum())}/{len(chunks)} chunks done); "
-                        f"finish the extraction before exporting")
+        raise IncompleteStoreError(f"store {store.path} is not complete ({int(chunks.sum())}/{len(chunks)} chunks "
+                                   f"done); finish the extraction before exporting")
     count = store.n if rows is None else len(rows)
     if count == 0:
         raise UserError(f"split {split!r} of store {store.path} is empty; nothing to export")
@@ -63,31 +63,20 @@ def export_hdf5(store: FeatureStore | str | os.PathLike, out_path: str | os.Path
     if len(labels) and (labels.min() < np.iinfo(np.int32).min or labels.max() > np.iinfo(np.int32).max):
         raise UserError("labels do not fit in int32")
     block = int(block_rows or max(store.layout.chunk_rows, 1))
-    tmp = parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with h5py.File(tmp, "w") as h5:
-            feats = h5.create_dataset("all_feats", shape=(count, store.dim), dtype="float32")
-            h5.create_dataset("all_labels", data=labels.astype(np.int32))
-            h5.create_dataset("count", data=np.array([count], dtype=np.int32))
-            with _bar(count, "export", progress) as bar:
-                for lo in range(0, count, block):
-                    hi = min(count, lo + block)
-                    sel = np.arange(lo, hi, dtype=np.int64) if rows is None else rows[lo:hi]
-                    feats[lo:hi] = store.gather(sel, dtype="float32")
-                    bar.update(hi - lo)
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as h5:
+        feats = h5.create_dataset("all_feats", shape=(count, store.dim), dtype="float32")
+        h5.create_dataset("all_labels", data=labels.astype(np.int32))
+        h5.create_dataset("count", data=np.array([count], dtype=np.int32))
+        with _bar(count, "export", progress) as bar:
+            for lo in range(0, count, block):
+                hi = min(count, lo + block)
+                sel = np.arange(lo, hi, dtype=np.int64) if rows is None else rows[lo:hi]
+                feats[lo:hi] = store.gather(sel, dtype="float32")
+                bar.update(hi - lo)
     return count
 
 
-def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+file_sha256 = sha256_file  # the name the bench code uses
 
 
 def read_hdf5_header(h5) -> tuple[int, int, int]:

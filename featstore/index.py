@@ -21,7 +21,6 @@ Scores: ``ip`` returns inner products (cosine similarity when ``normalized``), h
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -29,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from featstore.errors import UserError
-from featstore.runtime import usable_cores
-from featstore.store import FeatureStore
+from featstore.errors import StoreLockedError, UserError
+from featstore.runtime import use_all_threads
+from featstore.store import FeatureStore, index_rows, rows_sha256, stale_reason
 
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("ip", "l2")
@@ -43,24 +42,6 @@ def _faiss():
 
     use_all_threads()
     return faiss
-
-
-_THREADS_SET = False
-
-
-def use_all_threads() -> None:
-    """FAISS runs on every core this process may use, unless OMP_NUM_THREADS says otherwise (once per process)."""
-    global _THREADS_SET
-    if _THREADS_SET:
-        return
-    _THREADS_SET = True
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    import faiss
-
-    cores = usable_cores()
-    if faiss.omp_get_max_threads() < cores:
-        faiss.omp_set_num_threads(cores)
 
 
 def _check_kind_metric(kind: str, metric: str) -> None:
@@ -170,10 +151,6 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _rows_sha256(rows: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(rows, dtype="<i8").tobytes()).hexdigest()
-
-
 @dataclass
 class FeatureIndex:
     """A FAISS index over (a subset of) a store's rows, with how it was built and from which features.
@@ -222,26 +199,7 @@ class FeatureIndex:
         return scores, ids
 
 
-# ---------------------------------------------------------------------- which rows an index covers
-def _select_rows(store: FeatureStore, split: str | None, done_only: bool) -> np.ndarray:
-    """Store rows an index over ``store`` covers (sorted int64). Refuses rows in unfinished chunks unless
-    ``done_only``, in which case those rows are left out."""
-    rows = store.split(split) if split is not None else np.arange(store.n, dtype=np.int64)
-    done = store.done_rows()
-    missing = ~done[rows]
-    if missing.any():
-        if not done_only:
-            total = store.done_chunks()
-            raise UserError(f"store {store.path} is not complete ({int(total.sum())}/{len(total)} chunks done"
-                            f"{'' if split is None else f', split {split!r} has unfinished rows'}); finish the "
-                            f"extraction first or index the done rows only (--done-only)")
-        rows = rows[~missing]
-    if len(rows) == 0:
-        raise UserError(f"no done rows to index in store {store.path}"
-                        f"{'' if split is None else f' (split {split!r})'}")
-    return rows
-
-
+# ---------------------------------------------------------------------- opening
 def _open(store: FeatureStore | str | os.PathLike) -> tuple[FeatureStore, bool]:
     if isinstance(store, FeatureStore):
         return store, False
@@ -264,7 +222,7 @@ def build_index(store: FeatureStore | str | os.PathLike, *, kind: str = "flat", 
     params = {key: value for key, value in params.items() if value is not None}
     store, _ = _open(store)
     normalize = (metric == "ip") if normalize is None else bool(normalize)
-    rows = _select_rows(store, split, done_only)
+    rows = index_rows(store, split, done_only)
     all_rows = len(rows) == store.n
     x = store.load_features() if all_rows else store.gather(rows)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -277,7 +235,7 @@ def build_index(store: FeatureStore | str | os.PathLike, *, kind: str = "flat", 
         "fingerprint_hash": store.fingerprint_hash,
         "store_uuid": store.store_uuid,
         "rows": int(len(rows)),
-        "rows_sha256": _rows_sha256(rows),
+        "rows_sha256": rows_sha256(rows),
         "selection": "done" if done_only else "all",
         "split": split,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -361,24 +319,6 @@ def index_attrs(store: FeatureStore, name: str) -> dict:
     return dict(store.group["index"][name].attrs)
 
 
-def stale_reason(store: FeatureStore, built_from: dict) -> str | None:
-    """Why an index built from ``built_from`` no longer matches the store, or None when it is fresh."""
-    if built_from.get("fingerprint_hash") != store.fingerprint_hash:
-        return "the store's fingerprint changed"
-    if built_from.get("store_uuid") != store.store_uuid:
-        return "it was built from another store"
-    split = built_from.get("split")
-    if split is not None and split not in store.split_names:
-        return f"split {split!r} no longer exists"
-    try:
-        rows = _select_rows(store, split, built_from.get("selection") == "done")
-    except UserError as exc:
-        return str(exc)
-    if len(rows) != built_from.get("rows") or _rows_sha256(rows) != built_from.get("rows_sha256"):
-        return "the set of rows changed"
-    return None
-
-
 def is_stale(store: FeatureStore | str | os.PathLike, index: FeatureIndex) -> bool:
     """True when the store's fingerprint or uuid, or the rows the index should cover, differ from its build."""
     store, _ = _open(store)
@@ -428,9 +368,7 @@ def get_index(store_path: FeatureStore | str | os.PathLike, name: str = "default
         built = build_index(store, **spec)
         try:
             save_index(store, built, name)
-        except UserError as exc:
-            if "being written by another process" not in str(exc):
-                raise
+        except StoreLockedError as exc:
             print(f"featstore: note: index {name!r} rebuilt in memory but not saved ({exc})", file=sys.stderr)
         return built
     finally:

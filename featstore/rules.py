@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from featstore.errors import UserError
+from featstore.errors import UnknownFieldError, UserError
 
 _RULE_RE = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(<=|>=|==|!=|<|>|=)\s*(.+?)\s*$")
 _SPLIT_RE = re.compile(r"^\s*split\s*[=:]\s*(\S+)\s*$")
@@ -58,7 +58,7 @@ def select_mask(rule: str, n: int, fields: Mapping[str, np.ndarray] | Callable[[
         values = lookup(name)
         if values is None:
             known = f" (it has: {', '.join(names) or 'none'})" if names else ""
-            raise UserError(f"{option} {rule!r}: {where} has no per-sample field {name!r}{known}")
+            raise UnknownFieldError(f"{option} {rule!r}: {where} has no per-sample field {name!r}{known}")
         values = np.asarray(values)
         raw = raw.strip().strip("'\"")
         if np.issubdtype(values.dtype, np.number) or values.dtype == bool:
@@ -87,7 +87,5 @@ def rule_mask(store, rule: str, option: str = "--train-rule") -> np.ndarray:
     splits = {name: store.split(name) for name in store.split_names} if "split" in str(rule) else {}
     try:
         return select_mask(rule, store.n, field, splits, option=option, where=f"store {store.path}")
-    except UserError as exc:
-        if "no per-sample field" in str(exc):
-            raise UserError(f"{exc} (it has: {', '.join(sorted(meta_names | {'class'}))})") from None
-        raise
+    except UnknownFieldError as exc:
+        raise UnknownFieldError(f"{exc} (it has: {', '.join(sorted(meta_names | {'class'}))})") from None

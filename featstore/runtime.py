@@ -41,6 +41,25 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+_FAISS_THREADS_SET = False
+
+
+def use_all_threads() -> None:
+    """FAISS runs on every core this process may use, unless OMP_NUM_THREADS says otherwise (once per process;
+    featstore.index calls it before its first FAISS call)."""
+    global _FAISS_THREADS_SET
+    if _FAISS_THREADS_SET:
+        return
+    _FAISS_THREADS_SET = True
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import faiss
+
+    cores = usable_cores()
+    if faiss.omp_get_max_threads() < cores:
+        faiss.omp_set_num_threads(cores)
+
+
 def check_threads(threads: int | None, option: str = "--threads") -> None:
     if threads is not None and threads < 1:
         raise UserError(f"{option} must be at least 1, not {threads}")
@@ -58,8 +77,6 @@ def thread_limits(threads: int | None) -> Iterator[None]:
     import faiss
     import torch
     from threadpoolctl import threadpool_limits
-
-    from featstore.index import use_all_threads
 
     # featstore.index raises FAISS to all cores on its first use; make that happen now, before our setting
     use_all_threads()

@@ -49,7 +49,7 @@ import numpy as np
 import zarr
 
 from featstore import FORMAT_VERSION, __version__
-from featstore.errors import UserError
+from featstore.errors import IncompleteStoreError, MissingArrayError, StoreLockedError, UserError
 
 ATTR_KEY = "featstore"
 LOCK_NAME = ".featstore.lock"
@@ -158,7 +158,9 @@ class FeatureStore:
     """A feature store on disk. Open with :meth:`open` (read) or :meth:`create` (write or resume).
 
     Reading: ``load_features()`` returns the ``[N, D]`` array (float32 by default) of done rows; ``gather(rows)``
-    fetches a row subset; ``labels``, ``ids``, ``classes`` and ``splits`` come into memory on first use.
+    fetches a row subset, ``gather_maps(rows)`` the spatial maps of one (reading only the chunks that hold them);
+    ``labels``, ``ids``, ``classes`` and ``splits`` come into memory on first use. Rows of chunks that are not done
+    are refused (:class:`~featstore.errors.IncompleteStoreError`) unless ``require_done=False``.
     """
 
     def __init__(self, path: str | os.PathLike, group: zarr.Group, writable: bool = False):
@@ -342,8 +344,8 @@ class FeatureStore:
                     continue
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise UserError(f"store {self.path} is being written by another process (pid {holder}); wait for "
-                                f"it to finish or stop it") from None
+                raise StoreLockedError(f"store {self.path} is being written by another process (pid {holder}); "
+                                       f"wait for it to finish or stop it") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
@@ -660,8 +662,9 @@ class FeatureStore:
             return self.gather(rows, dtype=dtype, require_done=require_done)
         if require_done and not self.complete:
             done = self.done_chunks()
-            raise UserError(f"store {self.path} is not complete ({int(done.sum())}/{len(done)} chunks done); "
-                            f"finish the extraction (run the same command again) or read done_rows() only")
+            raise IncompleteStoreError(f"store {self.path} is not complete ({int(done.sum())}/{len(done)} chunks "
+                                       f"done); finish the extraction (run the same command again) or read "
+                                       f"done_rows() only")
         out = np.empty((self.n, self.dim), dtype=dtype)
         self._read_rows("features", 0, self.n, out)
         return out
@@ -676,7 +679,7 @@ class FeatureStore:
         if require_done:
             if not done[chunk_of].all():
                 bad = int(rows[~done[chunk_of]][0])
-                raise UserError(f"row {bad} of store {self.path} is in a chunk that is not done yet")
+                raise IncompleteStoreError(f"row {bad} of store {self.path} is in a chunk that is not done yet")
         out = np.empty((len(rows), self.dim), dtype=dtype)
         if len(rows) == 0:
             return out
@@ -699,18 +702,63 @@ class FeatureStore:
     def load_views(self, rows: np.ndarray | None = None, dtype: str = "float32") -> np.ndarray:
         """``[V, n, D]`` extra views (all rows, or the given ones)."""
         if not self.layout.views:
-            raise UserError(f"store {self.path} has no views; extract with --views K")
+            raise MissingArrayError(f"store {self.path} has no views; extract with --views K")
         data = np.asarray(self.group["views"][:], dtype=dtype)
         return data if rows is None else data[:, np.asarray(rows, dtype=np.int64)]
 
-    def load_maps(self, rows: np.ndarray | None = None, dtype: str = "float32") -> np.ndarray:
+    def load_maps(self, rows: np.ndarray | None = None, dtype: str = "float32", *,
+                  require_done: bool = True) -> np.ndarray:
+        """``[N, C, H, W]`` spatial maps (or ``[len(rows), C, H, W]``: see :meth:`gather_maps`).
+
+        Refuses (IncompleteStoreError) a store with chunks not done yet, unless ``require_done=False``."""
+        if rows is not None:
+            return self.gather_maps(rows, dtype=dtype, require_done=require_done)
+        self._require_maps()
+        if require_done and not self.complete:
+            done = self.done_chunks()
+            first = int(np.flatnonzero(~done)[0])
+            raise IncompleteStoreError(
+                f"store {self.path} has maps of {int(done.sum())}/{len(done)} chunks only (chunk {first} is not "
+                f"done); resume the extraction (the same extract --maps command again) or gather done rows only")
+        return np.asarray(self._array("maps")[:], dtype=dtype)
+
+    def gather_maps(self, rows: np.ndarray, *, dtype: str = "float32", require_done: bool = True) -> np.ndarray:
+        """``[len(rows), C, H, W]`` maps of the given rows, in the given order (repeats allowed).
+
+        Only the maps chunks holding the rows are read, each once. Refuses (IncompleteStoreError naming the chunk)
+        a row of a chunk that is not done yet, unless ``require_done=False``."""
+        self._require_maps()
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        _check_rows(rows, self.n, "rows")
+        if require_done and len(rows):
+            done = self.done_chunks()
+            chunk_of = rows // self.layout.chunk_rows
+            pending = ~done[chunk_of]
+            if pending.any():
+                bad = int(np.flatnonzero(pending)[0])
+                raise IncompleteStoreError(
+                    f"row {int(rows[bad])} of store {self.path} is in chunk {int(chunk_of[bad])}, whose maps are not "
+                    f"written yet; resume the extraction (the same extract --maps command again) first")
+        arr = self._array("maps")
+        out = np.empty((len(rows), *self.layout.maps_shape), dtype=dtype)
+        if len(rows) == 0:
+            return out
+        # the maps array may use smaller row chunks than the features (MAX_MAPS_CHUNK_BYTES)
+        block = int(arr.chunks[0])
+        block_of = rows // block
+        order = np.argsort(block_of, kind="stable")
+        sorted_blocks = block_of[order]
+        bounds = np.flatnonzero(np.diff(sorted_blocks)) + 1
+        for s, e in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(rows)]])):
+            b = int(sorted_blocks[s])
+            lo, hi = b * block, min(self.n, (b + 1) * block)
+            positions = order[s:e]
+            out[positions] = np.asarray(arr[lo:hi])[rows[positions] - lo]
+        return out
+
+    def _require_maps(self) -> None:
         if not self.layout.maps_shape:
-            raise UserError(f"store {self.path} has no maps; extract with --maps LAYER")
-        arr = self.group["maps"]
-        if rows is None:
-            return np.asarray(arr[:], dtype=dtype)
-        rows = np.asarray(rows, dtype=np.int64)
-        return np.asarray(arr.get_orthogonal_selection((rows, slice(None), slice(None), slice(None))), dtype=dtype)
+            raise MissingArrayError(f"store {self.path} has no maps; extract it again with extract --maps LAYER")
 
     # ------------------------------------------------------------------ verification
     def verify(self, *, check_values: bool = True) -> list[str]:
@@ -744,8 +792,6 @@ class FeatureStore:
             split = self.split(name)
             if len(split) and (split.min() < 0 or split.max() >= self.n):
                 problems.append(f"split {name!r} has rows outside 0..{self.n - 1}")
-        from featstore.index import stale_reason  # the index module builds on this one
-
         for name in self.index_names():
             reason = stale_reason(self, dict(self.group["index"][name].attrs).get("built_from", {}))
             if reason:
@@ -754,6 +800,65 @@ class FeatureStore:
 
     def index_names(self) -> list[str]:
         return self.blob_names("index")
+
+
+def write_store(path: str | os.PathLike, layout: Layout, features: np.ndarray, **create: Any) -> FeatureStore:
+    """A complete store from in-memory ``features [n, d]``: :meth:`FeatureStore.create` with ``create``
+    (fingerprint, classes, labels, ids, splits...), every chunk written in order, closed, then opened read-only."""
+    store = FeatureStore.create(path, layout, **create)
+    try:
+        for i in range(store.n_chunks):
+            lo, hi = store.chunk_range(i)
+            store.write_chunk(i, features[lo:hi])
+    finally:
+        store.close()
+    return FeatureStore.open(path)
+
+
+def rows_sha256(rows: np.ndarray) -> str:
+    """sha256 of row indices as little-endian int64: which rows an index covers."""
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype="<i8").tobytes()).hexdigest()
+
+
+def index_rows(store: FeatureStore, split: str | None, done_only: bool) -> np.ndarray:
+    """Store rows an index over ``store`` covers (sorted int64). Refuses rows in unfinished chunks unless
+    ``done_only``, in which case those rows are left out."""
+    rows = store.split(split) if split is not None else np.arange(store.n, dtype=np.int64)
+    done = store.done_rows()
+    missing = ~done[rows]
+    if missing.any():
+        if not done_only:
+            total = store.done_chunks()
+            raise IncompleteStoreError(
+                f"store {store.path} is not complete ({int(total.sum())}/{len(total)} chunks done"
+                f"{'' if split is None else f', split {split!r} has unfinished rows'}); finish the extraction "
+                f"first or index the done rows only (--done-only)")
+        rows = rows[~missing]
+    if len(rows) == 0:
+        raise UserError(f"no done rows to index in store {store.path}"
+                        f"{'' if split is None else f' (split {split!r})'}")
+    return rows
+
+
+def stale_reason(store: FeatureStore, built_from: dict) -> str | None:
+    """Why an index built from ``built_from`` no longer matches the store, or None when it is fresh.
+
+    Here rather than in :mod:`featstore.index` because :meth:`FeatureStore.verify` reports stale indexes and the
+    index module builds on this one (never the other way round)."""
+    if built_from.get("fingerprint_hash") != store.fingerprint_hash:
+        return "the store's fingerprint changed"
+    if built_from.get("store_uuid") != store.store_uuid:
+        return "it was built from another store"
+    split = built_from.get("split")
+    if split is not None and split not in store.split_names:
+        return f"split {split!r} no longer exists"
+    try:
+        rows = index_rows(store, split, built_from.get("selection") == "done")
+    except UserError as exc:
+        return str(exc)
+    if len(rows) != built_from.get("rows") or rows_sha256(rows) != built_from.get("rows_sha256"):
+        return "the set of rows changed"
+    return None
 
 
 def _check_rows(rows: np.ndarray, n: int, what: str) -> None:

@@ -1,6 +1,7 @@
 """Shared machinery of the negative-prototype FSOR heads (TANE, DNPG): episodes, attention, losses, meta-training.
 
-Both heads follow one recipe (``shared/methods/fsor.md`` sections 3, 5 and 6):
+Both heads follow one recipe (TANE, Huang et al., CVPR 2022, and DNPG, Zhang et al., ACM MM 2024; original code
+github.com/shiyuanh/TANE and github.com/iCGY96/DNPG):
 
 - a support prototype p_c (mean of the support views of class c) is calibrated by attending over a *base memory*
   (one vector per base class);
@@ -12,7 +13,7 @@ Both heads follow one recipe (``shared/methods/fsor.md`` sections 3, 5 and 6):
 
 This module holds what the two heads share: a seeded episode sampler with the ``EpisodeBatch`` fields (``heads``
 does not import ``featstore``, so it carries its own), the attention block, the reciprocal-unit BCE and the
-swap-alignment loss, a batched per-episode AUROC, and :class:`NegProtoHead`, which implements ``meta_train``,
+swap-alignment loss, and :class:`NegProtoHead`, which implements ``meta_train``,
 ``training_step``, ``fit``, ``logits`` and ``open_score`` on top of two method hooks.
 """
 
@@ -22,14 +23,16 @@ import contextlib
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heads.base import Head, NotFittedError, as_tensor
+from heads.base import EPISODES, Head, MetaTrainData, NotFittedError, as_tensor
+from heads.base import class_means as _class_means
+from heads.scores import batched_auroc
 
 # ----------------------------------------------------------------------------------------------------------------
 # episodes
@@ -72,7 +75,8 @@ def sample_episodes(
     """Sample ``count`` episodes (indices ``start .. start+count-1``) from the store rows ``rows``.
 
     Episode i draws from ``numpy.random.default_rng([*seed, i])``, so an episode depends only on (seed, index):
-    the same episode comes back across epochs, runs and heads (fsor.md 3.2). Known classes need ``shots + queries``
+    the same episode comes back across epochs, runs and heads (the originals reseed episode i with i). Known
+    classes need ``shots + queries``
     rows, open classes ``queries`` rows; rows are drawn without replacement within an episode.
     """
     labels = np.asarray(labels).reshape(-1)
@@ -122,32 +126,6 @@ def sample_episodes(
     return Episodes(stack(sup), stack(sup_lab), stack(qry), stack(qry_lab), stack(cls), stack(ocls))
 
 
-def _with_open_support(batch) -> Episodes:
-    """A featstore EpisodeBatch with ``open_support`` -> one (N + M)-way batch: the open classes become ways
-    N..N+M-1 (their open-support rows their supports, their queries labelled N + j), as meta-training needs for
-    the swapped task. Relies on EpisodeSampler's class-major layout of open supports and open queries. Batches
-    without open support are returned as they are."""
-    open_support = getattr(batch, "open_support", None)
-    if open_support is None or open_support.shape[1] == 0:
-        return batch
-    e, n = batch.classes.shape
-    m = batch.open_classes.shape[1]
-    ok = open_support.shape[1] // m
-    unknown = batch.query_labels < 0
-    q_per = int(unknown[0].sum()) // m
-    open_lab = n + torch.arange(m).repeat_interleave(q_per)
-    q_lab = batch.query_labels.clone()
-    q_lab[unknown] = open_lab.repeat(e)
-    return Episodes(
-        support=torch.cat([batch.support, open_support], 1),
-        support_labels=torch.cat([batch.support_labels, (n + torch.arange(m).repeat_interleave(ok)).expand(e, -1)], 1),
-        query=batch.query,
-        query_labels=q_lab,
-        classes=torch.cat([batch.classes, batch.open_classes], 1),
-        open_classes=batch.open_classes[:, :0],
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # small tensor helpers and the two special losses
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,14 +155,13 @@ def batched(x: torch.Tensor, dims: int) -> tuple[torch.Tensor, bool]:
 def class_means(feats: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Per-episode class means: feats [E, S, D], labels [E, S] in 0..n-1 (others ignored) -> [E, n, D].
 
-    Works for any number of views per class (K shots or K x 5 augmented views at test, fsor.md 3.2).
+    Works for any number of views per class (K shots, or the K x 5 augmented views of the originals' test
+    episodes). The means are :func:`heads.base.class_means`; a class without a support sample is an error here.
     """
-    valid = (labels >= 0) & (labels < n_classes)
-    onehot = F.one_hot(labels.clamp(0, n_classes - 1), n_classes).to(feats.dtype) * valid.unsqueeze(-1)
-    counts = onehot.sum(1)  # [E, n]
+    means, counts = _class_means(feats, labels, n_classes)
     if bool((counts == 0).any()):
         raise ValueError("a class has no support sample in some episode: support labels must cover 0..N-1")
-    return onehot.transpose(1, 2) @ feats / counts.unsqueeze(-1)
+    return means
 
 
 def cosine(x: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
@@ -193,7 +170,7 @@ def cosine(x: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
 
 
 def reciprocal_unit_loss(units: torch.Tensor, query: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor | float):
-    """TANE's reciprocal-unit BCE (fsor.md 5.5, L_unit; DNPG reuses it with its own temperature).
+    """TANE's reciprocal-unit BCE (the TANE paper's L_unit; DNPG reuses it with its own temperature).
 
     z_ic = 1 - tau * cos(u_c, f(x_i)), t_ic = 1 if y_i = c else 0 (unknown queries, any label outside 0..N-1:
     all zeros), loss = mean over (episode, i, c) of BCE-with-logits(z_ic, t_ic). Minimising it pushes u_c away
@@ -210,7 +187,7 @@ def reciprocal_unit_loss(units: torch.Tensor, query: torch.Tensor, labels: torch
 def swap_alignment_loss(
     protos: torch.Tensor, negs: torch.Tensor, protos_swap: torch.Tensor, negs_swap: torch.Tensor
 ) -> torch.Tensor:
-    """DNPG's swap-alignment loss L_SA (fsor.md 6.4), a two-way Chamfer match in cosine space.
+    """DNPG's swap-alignment loss L_SA (the DNPG paper's L_SA), a two-way Chamfer match in cosine space.
 
     protos P [E, N, D] and negs Q [E, J, D] of the primary task; protos_swap P' [E, M, D] and negs_swap Q' of the
     swapped task. With everything L2-normalised:
@@ -228,28 +205,14 @@ def swap_alignment_loss(
     return -(a + b + c + d) / 2
 
 
-def episode_auroc(scores: torch.Tensor, unknown: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Per-episode AUROC (positive = unknown, ties count one half): scores, unknown [E, m] -> [E].
-
-    Episodes without both classes get NaN. Pairwise form (Mann-Whitney), chunked over episodes.
-    """
-    out = []
-    for i in range(0, scores.shape[0], chunk):
-        s, u = scores[i : i + chunk].float(), unknown[i : i + chunk].bool()
-        pair = (u.unsqueeze(2) & ~u.unsqueeze(1)).float()  # [e, pos, neg]
-        gt = (s.unsqueeze(2) > s.unsqueeze(1)).float() + 0.5 * (s.unsqueeze(2) == s.unsqueeze(1)).float()
-        n = pair.sum((1, 2))
-        out.append(torch.where(n > 0, (gt * pair).sum((1, 2)) / n.clamp_min(1), torch.full_like(n, float("nan"))))
-    return torch.cat(out) if out else scores.new_zeros(0)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # attention over the base memory
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class CrossAttention(nn.Module):
-    """TANE's single-head attention of class prototypes over a base memory (fsor.md 5.3).
+    """TANE's single-head attention of class prototypes over a base memory (the TANE paper's prototype
+    calibration).
 
     alpha_cb = softmax_b(<W_q q_c + U_q s_c, W_k k_b + U_k s_b> / sqrt(dim)), dropout on alpha;
     out_c = q_c + Dropout(W_o sum_b alpha_cb W_v v_b) (``residual=False`` drops the q_c term).
@@ -339,13 +302,17 @@ class NegProtoHead(Head):
 
     Usage::
 
-        head = TANEHead(feat_dim=640, n_base_classes=64).meta_train(feats, labels, train_rows, val_rows, W)
+        data = MetaTrainData(feats, labels, train_rows, val_rows, base_weights=W)
+        head = TANEHead(feat_dim=640, n_base_classes=64).meta_train(data)
         head.fit(feats[batch.support], batch.support_labels)      # [E, N*K, D], [E, N*K]
         head.logits(feats[batch.query])                           # [E, m, N] closed-set logits
         head.open_score(feats[batch.query])                       # [E, m] P(negative column)
     """
 
+    input_kind = EPISODES
     needs_meta_training = True
+    gives_unknown_score = True
+    has_unknown_column = True
 
     def __init__(
         self,
@@ -412,8 +379,9 @@ class NegProtoHead(Head):
         """An extra loss term of the method: (name, weight, unweighted value), or None."""
         return None
 
-    def _prepare_base(self, feats, labels, train_rows, base_classes, base_weights, support_views, seed, extra):
-        """Install the base memory before meta-training (``extra``: the method's own meta_train keywords)."""
+    def _prepare_base(self, feats, labels, train_rows, base_classes, base_weights, support_views, seed, data):
+        """Install the base memory before meta-training (``data``: the :class:`MetaTrainData`, for what else the
+        method reads from it)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _class_semantics(self, store_classes: torch.Tensor) -> torch.Tensor | None:
@@ -432,7 +400,8 @@ class NegProtoHead(Head):
             raise NotFittedError(f"{type(self).__name__} is not fitted yet: call fit(support, support_labels) first")
 
     def _key_mask(self, episode_classes, n_episodes: int) -> torch.Tensor | None:
-        """[E, B] True where a base class may be attended to: all but the episode's own classes (fsor.md 3.1).
+        """[E, B] True where a base class may be attended to: all but the episode's own classes (so the
+        generator cannot copy them).
 
         episode_classes [E, W] store class ids; ids that are not base classes remove nothing.
         """
@@ -470,8 +439,10 @@ class NegProtoHead(Head):
         support [E, S, D] with support_labels [E, S] in 0..W-1 (W = ways + M; any number of views per class);
         query [E, m, D] with query_labels [E, m] in 0..W-1, or -1 for a query whose class has no support (unknown
         to both tasks). Classes 0..ways-1 form the primary closed set; classes ways..W-1 are the pseudo-open
-        classes, whose supports build the swapped task (fsor.md 3.1; labels are rebuilt explicitly for both tasks,
-        pitfall 4). Without pseudo-open supports (W == ways) only the primary task is used.
+        classes, whose supports build the swapped task. The labels of both tasks are rebuilt explicitly (the
+        original reuses the primary label vector for the swapped task, which is right only when both query blocks
+        have the same number of classes in class order). Without pseudo-open supports (W == ways) only the primary
+        task is used.
 
         ``episode_classes`` [E, W]: store class ids of the episode's classes (``batch.classes``), which are removed
         from the base memory so the generator cannot copy them. ``support_semantics`` [E, W, S]: word vectors (TANE
@@ -550,7 +521,7 @@ class NegProtoHead(Head):
         self.eval()  # no dropout at test time
         try:
             with torch.no_grad():
-                out = self._task_forward(protos, None, sem)  # test memory = every base class (fsor.md 3.2)
+                out = self._task_forward(protos, None, sem)  # test memory = every base class
         finally:
             self.train(was_training)
         return out, squeeze
@@ -590,7 +561,7 @@ class NegProtoHead(Head):
         return s[..., :-1]
 
     def open_score(self, query) -> torch.Tensor:
-        """P_{N+1}: softmax probability of the negative column, [E, m] (fsor.md 5.6 / 6.5; higher = unknown)."""
+        """P_{N+1}: softmax probability of the negative column, [E, m] (higher = unknown)."""
         return torch.softmax(self.logits_with_negative(query), dim=-1)[..., -1]
 
     # -- meta-training ----------------------------------------------------------------------------------------
@@ -611,79 +582,50 @@ class NegProtoHead(Head):
             known = lab >= 0
             pred = s[..., :-1].argmax(-1)
             accs.append(((pred == lab) & known).sum(1).float() / known.sum(1).clamp_min(1))
-            aurocs.append(episode_auroc(torch.softmax(s, -1)[..., -1], ~known))
+            # float32, as the pairwise count it replaced: the selection criterion below compares these values
+            aurocs.append(batched_auroc(torch.softmax(s, -1)[..., -1], ~known).to(torch.float32))
         acc, auroc = torch.cat(accs), torch.cat(aurocs)
         return float(acc.mean()), float(torch.nanmean(auroc))
 
-    def meta_train(
-        self,
-        features,
-        labels,
-        train_rows,
-        val_rows=None,
-        base_weights=None,
-        seed: int | None = None,
-        *,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        open_ways: int = 5,
-        epochs: int | None = None,
-        episodes_per_epoch: int | None = None,
-        episodes_per_step: int | None = None,
-        lr: float | None = None,
-        val_episodes: int | None = None,
-        progress: bool = False,
-        base_classes=None,
-        support_views=None,
-        train_sampler=None,
-        val_sampler=None,
-        store=None,
-        device=None,
-        quiet: bool | None = None,
-        **extra,
-    ) -> "NegProtoHead":
-        """Meta-train the head on cached base-class features (backbone frozen: the "-frozen" variant, fsor.md 7.2).
+    def meta_train(self, data: MetaTrainData, seed: int | None = None) -> "NegProtoHead":
+        """Meta-train the head on cached base-class features (backbone frozen: the "-frozen" variant).
 
-        features [n, D] (the whole store, in memory), labels [n] store class ids; train_rows: rows of the base
-        classes (episodes and the base memory come from them); val_rows: rows of the validation classes, used only
-        for model selection (val accuracy + val AUROC, never the test split; pitfall 1) and the plateau schedule
-        (without val episodes, ``cosine=True`` keeps the learning rate constant and the last epoch is kept).
-        base_weights [B, D]: the backbone classifier rows of the base classes, row b <-> ``base_classes[b]``
-        (default: the sorted distinct labels of train_rows).
+        ``data.features`` [n, D] (the whole store, in memory), ``data.labels`` [n] store class ids;
+        ``data.train_rows``: rows of the base classes (episodes and the base memory come from them);
+        ``data.val_rows``: rows of the validation classes, used only for model selection (val accuracy + val AUROC;
+        the originals select on test episodes, which biases the reported numbers) and the plateau schedule (without
+        val episodes, ``cosine=True`` keeps the learning rate constant and the last epoch is kept).
+        ``data.base_weights`` [B, D]: the backbone classifier rows of the base classes, row b <->
+        ``data.base_classes[b]`` (the sorted distinct labels of train_rows unless given).
 
         Each epoch draws ``episodes_per_epoch`` (ways + open_ways)-way ``shots``-shot ``queries``-query episodes
         from train_rows (episode i of the run is seeded by (seed, i)) and takes one SGD step (Nesterov) per
         ``episodes_per_step`` episodes, batched as one tensor program; each episode is used as primary and swapped
-        task. ``seed`` (default: the constructor's) fixes the episodes, the dropout and the view choice.
-        ``support_views`` [V, n, D] (optional): cached augmented views of every row (crop + jitter + flip,
-        fsor.md 7.2); each training support then uses one of its V views at random, as the original augments
-        supports and open-supports but not queries (validation uses the clean features).
-        ``None`` arguments take the constructor's (paper) values. ``train_sampler`` / ``val_sampler``: an
-        object with ``.sample(start, count)`` returning an EpisodeBatch (e.g. featstore's EpisodeSampler) to use
-        instead of the internal sampler; training batches need supports for the pseudo-open classes: either
-        ``open_support`` rows (EpisodeSampler with ``open_shots=shots``; open queries class-major, as it samples
-        them) or (ways + open_ways)-way batches without open ways. ``store`` and ``device`` (passed by
-        bench.fsor) are ignored (the head runs on its own device); ``quiet=False`` turns ``progress`` on.
+        task. The episode shape is the protocol's (``data.ways`` ...) where given, else 5-way 1-shot 15-query with
+        5 open ways; the schedule (``epochs``, ``episodes_per_epoch``, ``episodes_per_step``, ``learning_rate``,
+        ``val_episodes``, ...) is the constructor's (change it with ``set_params``). ``seed`` (default: the
+        constructor's) fixes the episodes, the dropout and the view choice. ``data.support_views`` [V, n, D]
+        (optional): cached augmented views of every row (crop + jitter + flip, as the originals augment supports
+        and open-supports); each training support then uses one of its V views at random (queries and validation
+        use the clean features). ``data.progress``: True prints one line per epoch on stderr; a callable gets
+        ``(head name, epoch, epochs, train loss)`` after every epoch.
         After training, the val-best weights are loaded (``history_`` logs every epoch, including the last;
         ``best_epoch_`` is 1-based). Returns self.
         """
-        epochs = self.epochs if epochs is None else int(epochs)
-        epe = self.episodes_per_epoch if episodes_per_epoch is None else int(episodes_per_epoch)
-        eps = self.episodes_per_step if episodes_per_step is None else int(episodes_per_step)
-        lr = self.learning_rate if lr is None else float(lr)
+        shape = data.episode_shape(ways=5, shots=1, queries=15, open_ways=5)
+        ways, shots, queries, open_ways = shape["ways"], shape["shots"], shape["queries"], shape["open_ways"]
+        epochs, epe, eps = self.epochs, self.episodes_per_epoch, self.episodes_per_step
+        lr = self.learning_rate
         seed = self.seed if seed is None else int(seed)
-        n_val = self.val_episodes if val_episodes is None else int(val_episodes)
-        progress = bool(progress or quiet is False)
-        feats = as_tensor(features, self.device)
-        views = None if support_views is None else as_tensor(support_views, self.device)
+        n_val = self.val_episodes
+        progress: bool | Callable[..., None] = data.progress
+        feats = as_tensor(data.features, self.device)
+        views = None if data.support_views is None else as_tensor(data.support_views, self.device)
         if views is not None and (views.dim() != 3 or views.shape[1:] != feats.shape):
             raise ValueError(f"support_views must be [V, {feats.shape[0]}, {feats.shape[1]}], got {tuple(views.shape)}")
-        labels_np = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
-        train_rows = np.asarray(train_rows.cpu() if isinstance(train_rows, torch.Tensor) else train_rows).reshape(-1)
-        if base_classes is None:
-            base_classes = np.unique(labels_np[train_rows])
-        base_classes = np.asarray(base_classes).reshape(-1)
+        labels_np = data.labels
+        train_rows = data.train_rows
+        base_classes = np.asarray(data.base_classes).reshape(-1)
         if len(base_classes) != self.n_base_classes:
             raise ValueError(
                 f"train_rows hold {len(base_classes)} base classes, the head was built for n_base_classes="
@@ -694,15 +636,12 @@ class NegProtoHead(Head):
                 f"ways + open_ways = {ways + open_ways} leaves no base memory out of {self.n_base_classes} classes"
             )
         with rng_scope(seed, self.device):
-            self._prepare_base(feats, labels_np, train_rows, base_classes, base_weights, views, seed, extra)
+            self._prepare_base(feats, labels_np, train_rows, base_classes, data.base_weights, views, seed, data)
 
         val_batch = None
-        if val_sampler is not None and n_val > 0:
-            val_batch = val_sampler.sample(0, n_val)
-        elif val_rows is not None and n_val > 0 and len(np.asarray(val_rows).reshape(-1)) > 0:
-            vr = np.asarray(val_rows.cpu() if isinstance(val_rows, torch.Tensor) else val_rows).reshape(-1)
+        if data.val_rows is not None and n_val > 0 and len(data.val_rows) > 0:
             val_batch = sample_episodes(
-                labels_np, vr, ways=ways, shots=shots, queries=queries, open_ways=open_ways,
+                labels_np, data.val_rows, ways=ways, shots=shots, queries=queries, open_ways=open_ways,
                 seed=[seed, 1], start=0, count=n_val,
             )  # fmt: skip
 
@@ -724,13 +663,10 @@ class NegProtoHead(Head):
                     factor = self.lr_decay_rate ** sum(epoch > d for d in self.lr_decay_epochs)
                     for g in opt.param_groups:
                         g["lr"] = lr * factor
-                if train_sampler is not None:
-                    batch = _with_open_support(train_sampler.sample((epoch - 1) * epe, epe))
-                else:
-                    batch = sample_episodes(
-                        labels_np, train_rows, ways=ways + open_ways, shots=shots, queries=queries, open_ways=0,
-                        seed=[seed, 0], start=(epoch - 1) * epe, count=epe,
-                    )  # fmt: skip
+                batch = sample_episodes(
+                    labels_np, train_rows, ways=ways + open_ways, shots=shots, queries=queries, open_ways=0,
+                    seed=[seed, 0], start=(epoch - 1) * epe, count=epe,
+                )  # fmt: skip
                 self.train()
                 total, steps = 0.0, 0
                 for i in range(0, epe, eps):
@@ -768,7 +704,9 @@ class NegProtoHead(Head):
                     if plateau is not None:
                         plateau.step(best_acc)
                 self.history_.append(record)
-                if progress:
+                if callable(progress):
+                    progress(self.head_name, epoch, epochs, record["train_loss"])
+                elif progress:
                     msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
                     print(f"[{self.head_name}] {msg}", file=sys.stderr, flush=True)
         if best_state is not None:

@@ -1,6 +1,6 @@
 """Analogy-based feature hallucination (Hariharan & Girshick, ICCV 2017), on cached features.
 
-Spec: ``shared/methods/lowshot.md`` section 6. The pipeline, each stage also usable on its own:
+As in the paper and its official code. The pipeline, each stage also usable on its own:
 
 1. :func:`cluster_classes`: every base class is clustered into ``clusters_per_class`` centroids, either with
    the faithful port of Lua-torch ``unsup.kmeans`` (:func:`kmeans_faithful`: random unit Gaussian init,
@@ -17,7 +17,7 @@ Spec: ``shared/methods/lowshot.md`` section 6. The pipeline, each stage also usa
    and dampening 0.9, weight decay 1e-4, batch 128, 120k iterations, lr / 10 after 40k and 80k; the analogy
    list is permuted once and walked in order, wrapping (the last batch of a pass may be short).
 4. :meth:`AnalogyGenerator.generate`: pads each novel class with m < M real examples by M - m features
-   G(seed, C, D), exactly as section 6.7.
+   G(seed, C, D), exactly as the official code's generation step.
 
 Heads do no file I/O: :meth:`AnalogyGenerator.to_arrays` / :meth:`AnalogyGenerator.from_arrays` and
 :meth:`AnalogyGenerator.cache_key` let the caller (``bench/lowshot.py``) store the trained generator in the
@@ -239,7 +239,7 @@ def _row_extrema(scores: torch.Tensor):
 
 def mine_analogies(centroids: Any, *, block: int = 2048, project: str | bool = "auto",
                    device: str | torch.device = "cpu", progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact analogy mining (section 6.4) over centroids [n_classes, K, d].
+    """Exact analogy mining (quadruplets A : B :: C : D) over centroids [n_classes, K, d].
 
     For every class i and ordered pair (a, b), a != b, find over all classes j != i and their ordered pairs
     (a', b') the maximum cosine between the normalised differences; the running best starts at 0 and is
@@ -396,7 +396,7 @@ _STAGE_KEYS = {
 
 
 class AnalogyGenerator:
-    """The analogy generator of section 6 (fit on base classes, then :meth:`generate` for novel classes).
+    """The paper's analogy generator (fit on base classes, then :meth:`generate` for novel classes).
 
     Hyper-parameters (defaults = the original's hard-coded values): ``clusters_per_class`` 100; ``kmeans``
     "faithful" (the Lua-torch port, seeded) or "faiss" (a different variant); ``kmeans_iters`` 20;

@@ -1,6 +1,6 @@
 """DNPG: Diversified Negative Prototypes Generator (Zhang, Chen, Zou, Li, Li, ACM MM 2024, arXiv 2408.13373).
 
-Spec: ``shared/methods/fsor.md`` section 6 (original code: github.com/iCGY96/DNPG). A TANE-derived head:
+Original code: github.com/iCGY96/DNPG. A TANE-derived head:
 
 - Phase 2 (:meth:`DNPGHead.fit_open_weights`, purely feature-level): reverse classification on base-class
   features learns GCPL prototypes c_k (one per base class) and RPL reciprocal points r_{k,1..M} (M = 4); the base
@@ -33,7 +33,7 @@ from heads._negproto_common import (
     rng_scope,
     swap_alignment_loss,
 )
-from heads.base import as_tensor, register_head
+from heads.base import NotFittedError, as_tensor, register_head
 
 
 def sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -52,11 +52,12 @@ def reverse_classification_losses(
     temp: float = 0.07,
     weight_pl: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DNPG Phase-2 losses (fsor.md 6.2) on features x [n, D] with base labels y [n] in 0..B-1.
+    """DNPG Phase-2 losses (GCPL + RPL, the ARPL code base) on features x [n, D] with base labels y [n] in 0..B-1.
 
     GCPL: logits -d(x, c_k)/T, loss CE + weight_pl * 1/2 mean((x - c_y)^2).
     RPL: points [B, M, D]; S_k(x) = mean_j d(x, r_kj); classification by farness, loss CE(S/T) + weight_pl *
-    mean_j (d(x, r_yj) - R)^2 over the M points of the true class (rows 4k..4k+3 of the original; pitfall 6).
+    mean_j (d(x, r_yj) - R)^2 over the M points of the true class: rows Mk..Mk+M-1 of the original's class-major
+    points (its radius term indexes the points by raw class id, which regularises the wrong rows).
     Returns (gcpl_loss, rpl_loss, gcpl_logits, rpl_logits).
     """
     d_c = sq_dist(x, centers)  # [n, B]
@@ -72,9 +73,9 @@ def reverse_classification_losses(
 
 @register_head("dnpg")
 class DNPGHead(NegProtoHead):
-    """DNPG head on cached features (fsor.md 6), batched over episodes.
+    """DNPG head on cached features, batched over episodes.
 
-    Parameters (defaults = the published command, fsor.md 6.6):
+    Parameters (defaults = the published command of the original code):
         feat_dim: D. n_base_classes: B.
         n_neg: number of negative prototypes J (5; 8 suggested for CIFAR-FS). agg: ``mlp`` (J MLPs, the paper)
             or ``avg`` (a single NP = mean_c u_c).
@@ -87,14 +88,15 @@ class DNPGHead(NegProtoHead):
         epochs 40, episodes_per_epoch 600, episodes_per_step 2, val_episodes 600.
         phase2_epochs 50, phase2_batch_size 256 (published command 128), phase2_lr 0.05 (Adam), weight_pl 0.1,
             phase2_temp 0.07, num_centers 4: Phase 2.
+        phase2: whether :meth:`meta_train` runs Phase 2 first: True = always (on ``train_rows``, with the
+            support views of the data as its augmented views), False = never (open weights must be installed),
+            None = when no open weights are installed yet.
         device, seed.
 
     Learnt state: ``gcpl_centers_`` [B, D], ``rpl_points_`` [B, M, D], ``radius_`` (Phase 2); ``base_weights_``
     and ``open_weights_`` [B, D] (the memory, kappa-scaled), ``base_classes_`` [B]; after ``fit``:
     ``prototypes_`` [E, N, D] and ``neg_prototypes_`` [E, J, D].
     """
-
-    needs_meta_training = True
 
     def __init__(
         self,
@@ -128,6 +130,7 @@ class DNPGHead(NegProtoHead):
         weight_pl: float = 0.1,
         phase2_temp: float = 0.07,
         num_centers: int = 4,
+        phase2: bool | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
     ):
@@ -142,8 +145,11 @@ class DNPGHead(NegProtoHead):
             epochs=epochs, episodes_per_epoch=episodes_per_epoch, episodes_per_step=episodes_per_step,
             val_episodes=val_episodes, device=device, seed=seed,
         )  # fmt: skip
-        self.n_neg = int(n_neg) if agg == "mlp" else 1
+        self.n_neg = int(n_neg)
         self.agg = agg
+        self.temperature = float(temperature)
+        self.attn_dropout = float(attn_dropout)
+        self.dropout = float(dropout)
         self.gamma = float(gamma)
         self.open_weight_sum_cali = float(open_weight_sum_cali)
         self.learn_neg_bias = bool(learn_neg_bias)
@@ -153,6 +159,7 @@ class DNPGHead(NegProtoHead):
         self.weight_pl = float(weight_pl)
         self.phase2_temp = float(phase2_temp)
         self.num_centers = int(num_centers)
+        self.phase2 = None if phase2 is None else bool(phase2)
         d = self.feat_dim
         with rng_scope(self.seed, torch.device("cpu")):  # initialisation depends on the seed only
             # (a) raw-prototype calibration (TANE ATT-G: no semantics, no gate)
@@ -185,7 +192,7 @@ class DNPGHead(NegProtoHead):
     def set_open_weights(self, gcpl_centers, rpl_points, base_classes=None) -> "DNPGHead":
         """Install Phase-2 artifacts: GCPL centres [B, D] and RPL points [B, M, D] or [B*M, D] (class-major).
 
-        Sets the memory b_k = kappa c_k and o_k = kappa mean_j r_kj (fsor.md 6.3).
+        Sets the memory b_k = kappa c_k and o_k = kappa mean_j r_kj.
         """
         c = as_tensor(gcpl_centers, self.device)
         r = as_tensor(rpl_points, self.device)
@@ -220,7 +227,7 @@ class DNPGHead(NegProtoHead):
         seed: int | None = None,
         progress: bool = False,
     ) -> "DNPGHead":
-        """Phase 2 on cached base-class features: learn GCPL centres and RPL points (fsor.md 6.2).
+        """Phase 2 on cached base-class features: learn GCPL centres and RPL points.
 
         features [n, D], labels [n] store class ids, rows: the base-class rows (default all); base_classes [B]:
         the store id of each memory row (default: sorted labels of rows). views [V, n, D] (optional): cached
@@ -251,7 +258,7 @@ class DNPGHead(NegProtoHead):
         with rng_scope(seed, self.device):
             centers = nn.Parameter(0.1 * torch.randn(b, d, device=self.device))  # ARPL Dist init
             points = nn.Parameter(0.1 * torch.randn(b, m, d, device=self.device))
-            radius = nn.Parameter(torch.zeros((), device=self.device))  # R = 0 (pitfall 6)
+            radius = nn.Parameter(torch.zeros((), device=self.device))  # R = 0 (the original leaves it uninitialised)
             opt = torch.optim.Adam([centers, points, radius], lr=lr)
             n = len(rows)
             for epoch in range(1, epochs + 1):
@@ -286,44 +293,15 @@ class DNPGHead(NegProtoHead):
             self.radius_.fill_(float(radius))
         return self.set_open_weights(centers.detach(), points.detach(), base_classes)
 
-    def _prepare_base(self, feats, labels, train_rows, base_classes, base_weights, support_views, seed, extra):
+    def _prepare_base(self, feats, labels, train_rows, base_classes, base_weights, support_views, seed, data):
         # base_weights (the backbone classifier rows) are not used: DNPG's memory is kappa x the GCPL centres.
-        # Phase 2 uses the pretraining augmentation, the same recipe as the support views: reuse them by default.
-        phase2 = extra.pop("phase2", None)
-        views = extra.pop("phase2_views", None)
-        views = support_views if views is None else views
-        if extra:
-            raise TypeError(f"meta_train got unexpected arguments: {sorted(extra)}")
-        if phase2 or (phase2 is None and not bool(self.base_ready_)):
-            self.fit_open_weights(feats, labels, train_rows, base_classes=base_classes, views=views, seed=seed)
+        # Phase 2 uses the pretraining augmentation, the same recipe as the support views: it reuses them.
+        if self.phase2 or (self.phase2 is None and not bool(self.base_ready_)):
+            self.fit_open_weights(feats, labels, train_rows, base_classes=base_classes, views=support_views, seed=seed)
+        elif not bool(self.base_ready_):
+            raise NotFittedError("phase2=False but no open weights are installed: set_open_weights(...) first")
         elif not np.array_equal(self.base_classes_.cpu().numpy(), np.asarray(base_classes)):
             raise ValueError("the installed open weights belong to other base classes than train_rows")
-
-    def meta_train(
-        self,
-        features,
-        labels,
-        train_rows,
-        val_rows=None,
-        base_weights=None,
-        seed=None,
-        *,
-        phase2: bool | None = None,
-        phase2_views=None,
-        **kw,
-    ) -> "DNPGHead":
-        """Phase 2 (unless open weights are installed already) then Phase-3 meta-training; see
-        :meth:`NegProtoHead.meta_train` for the arguments and keywords (ways, shots, queries, open_ways, epochs,
-        episodes_per_epoch, episodes_per_step, lr, seed, val_episodes, progress, base_classes, support_views, ...).
-
-        base_weights is accepted for a uniform interface and ignored: DNPG's base memory is kappa x the GCPL
-        centres of Phase 2, not the backbone classifier. phase2: True = always run Phase 2 on train_rows,
-        False = never (open weights must be installed), None = run it when no open weights are installed yet.
-        phase2_views [V, n, D]: augmented views for Phase 2 (default: ``support_views``).
-        """
-        return super().meta_train(
-            features, labels, train_rows, val_rows, base_weights, seed, phase2=phase2, phase2_views=phase2_views, **kw
-        )
 
     # -- Phase 3 ----------------------------------------------------------------------------------------------
     def _task_forward(self, protos, key_mask, support_sem) -> TaskOutput:

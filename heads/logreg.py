@@ -1,6 +1,5 @@
 """The low-shot linear classifier of Hariharan & Girshick, "Low-shot Visual Recognition by Shrinking and
-Hallucinating Features" (ICCV 2017), section 4 of the paper and ``low_shot.py`` of the official code
-(methods/lowshot.md 7.3-7.6).
+Hallucinating Features" (ICCV 2017), section 4 of the paper and ``low_shot.py`` of the official code.
 
 One linear layer with bias over **all** C classes, on raw (unnormalised) features, softmax cross-entropy::
 
@@ -13,11 +12,11 @@ Training (faithful defaults):
   average of gradients, so lr = 1 here is about lr = 0.1 with standard momentum (dampening 0).
 - 10,000 iterations of batch 1,000, constant lr, weight decay on weight and bias, PyTorch's default init of
   ``nn.Linear`` (uniform in +-1/sqrt(d)).
-- Batch composition (7.5): ``frac = |base classes| / (|base classes| + |novel classes|)`` from class counts; every
-  batch holds ``round(frac * batch)`` base rows drawn uniformly **without replacement** from the base pool, and
-  the rest novel rows drawn uniformly **with replacement** from the novel pool. Every class then gets about
+- Batch composition (as ``low_shot.py``): ``frac = |base classes| / (|base classes| + |novel classes|)`` from class
+  counts; every batch holds ``round(frac * batch)`` base rows drawn uniformly **without replacement** from the base
+  pool, and the rest novel rows drawn uniformly **with replacement** from the novel pool. Every class then gets about
   ``batch / (|base| + |novel|)`` rows per batch: class-balanced training.
-- Hyper-parameters per representation (table 7.6, test setup): ResNet-10 baseline lr 0.1 / wd 0.01, SGM and batch
+- Hyper-parameters per representation (test setup): ResNet-10 baseline lr 0.1 / wd 0.01, SGM and batch
   SGM lr 1 / wd 0.001, L2 lr 0.1 / wd 0.001; ResNet-50 baseline 0.1 / 0.01, SGM 0.1 / 0.001 (all with dampening 0.9).
 
 Many classifiers at once: :meth:`LowShotLogReg.fit_many` trains P independent classifiers (one per (experiment,
@@ -46,7 +45,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from heads._cpu_blas import BACKENDS as GEMM_BACKENDS, Products
+from heads._cpu_blas import BACKENDS as GEMM_BACKENDS
+from heads._cpu_blas import Products
 from heads.base import Head, as_tensor, register_head
 
 SOLVERS = ("sgd", "lbfgs")

@@ -1,5 +1,5 @@
 """Matching networks with full-context embeddings (Vinyals et al., NeurIPS 2016) on cached features, as used by
-the low-shot ImageNet benchmark (Hariharan & Girshick, ICCV 2017). Spec: ``shared/methods/lowshot.md`` section 8.
+the low-shot ImageNet benchmark (Hariharan & Girshick, ICCV 2017, and its official code).
 
 - Embedding f: the raw cached feature (no learned network besides the LSTMs).
 - Support encoder g (full-context embedding of the support set): a one-layer bidirectional LSTM with hidden size d
@@ -13,12 +13,12 @@ the low-shot ImageNet benchmark (Hariharan & Girshick, ICCV 2017). Spec: ``share
 ``fce=False`` turns both LSTMs off: g = x, h = f(x) (plain cosine attention over the support, query unnormalised).
 
 Training (:meth:`MatchingNetwork.meta_train`) runs on base-class episodes: every episode takes ``ways`` base
-classes (default: all) in a random order, k ~ U{1..shots} support rows per class (without replacement, sorted by
-row index) and ``queries`` query rows per class (default 1), excluded from the support unless
+classes (default: all) in a random order, k ~ U{1..meta_shots} support rows per class (without replacement, sorted
+by row index) and ``meta_queries`` query rows per class (default 1), excluded from the support unless
 ``query_in_support=True`` (the original's behaviour: the query is drawn independently and may duplicate a
 support item). Labels are re-indexed in the episode's class order; the support sequence is grouped by class in
-that order. SGD, lr 0.1, momentum 0.9 with dampening 0.9, weight decay 1e-3, 60,000 episodes, lr / 10 after 20k
-and 40k.
+that order. SGD, lr 0.1, momentum 0.9 with dampening 0.9, weight decay 1e-3, ``episodes`` 60,000 (one SGD step
+each), lr / 10 after 20k and 40k.
 
 Testing (:meth:`MatchingNetwork.fit` + :meth:`MatchingNetwork.logits`): the whole support set is encoded once;
 queries are scored in batches. :func:`lowshot_support` builds the benchmark's support set: ``per_class`` (100)
@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ._cpu_blas import matmul
-from .base import Head, as_tensor, register_head
+from .base import Head, MetaTrainData, as_tensor, register_head
 
 __all__ = ["MatchingNetwork", "MatchingNet", "lowshot_support", "class_log_probs"]
 
@@ -108,7 +108,7 @@ class MatchingNet(nn.Module):
 # ------------------------------------------------------------------------------------------------ the support
 def lowshot_support(base_features: Any, base_labels: Any, novel_features: Any, novel_labels: Any, *,
                     per_class: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The benchmark's test-time support set (section 8): for every base class in sorted label order,
+    """The benchmark's test-time support set: for every base class in sorted label order,
     ``per_class`` train rows drawn without replacement and kept in row order (all of them, when a class has
     fewer); then the novel examples, in the order given (the benchmark passes them sorted by row index), tiled
     ceil(T / n) times as one block, n = the number of examples per novel class (the smallest count when they
@@ -145,17 +145,24 @@ class MatchingNetwork(Head):
     Hyper-parameters: ``feat_dim`` (None: taken from the first data seen), ``steps`` K = 5 attention steps,
     ``fce`` (True), ``lr`` 0.1, ``momentum`` 0.9, ``dampening`` 0.9, ``weight_decay`` 1e-3, ``lr_steps``
     (20,000, 40,000) with ``lr_decay`` 0.1, ``query_in_support`` (False; True = the original's bug-compatible
-    independent query draw), ``batch_size`` 128 (test-time query batches), ``seed``, ``device``.
+    independent query draw); meta-training episodes: ``episodes`` 60,000 SGD steps (one episode each), ``ways``
+    classes per episode (None = all, as the original's 389), ``meta_shots`` the maximum support size per class
+    (k ~ U{1..meta_shots}), ``meta_queries`` query rows per class; ``batch_size`` 128 (test-time query batches),
+    ``seed``, ``device``.
 
     Learnt state: ``net_`` (after :meth:`meta_train`, or untrained weights when :meth:`fit` comes first),
-    ``loss_history_`` [episodes] (per-episode NLL), and after :meth:`fit`: ``g_``, ``g_hat_`` [E, s, d],
-    ``support_class_`` [E, s], ``classes_`` (label value of each logit column).
+    ``feat_dim_`` (the width it was built for), ``loss_history_`` [episodes] (per-episode NLL), and after
+    :meth:`fit`: ``g_``, ``g_hat_`` [E, s, d], ``support_class_`` [E, s], ``classes_`` (label value of each logit
+    column).
     """
+
+    needs_meta_training = True
 
     def __init__(self, feat_dim: int | None = None, steps: int = 5, fce: bool = True, lr: float = 0.1,
                  momentum: float = 0.9, dampening: float = 0.9, weight_decay: float = 1e-3,
                  lr_steps: Sequence[int] = (20_000, 40_000), lr_decay: float = 0.1,
-                 query_in_support: bool = False, batch_size: int = 128, seed: int = 0,
+                 query_in_support: bool = False, episodes: int = 60_000, ways: int | None = None,
+                 meta_shots: int = 10, meta_queries: int = 1, batch_size: int = 128, seed: int = 0,
                  device: str | torch.device = "cpu"):
         super().__init__(device)
         self.feat_dim = None if feat_dim is None else int(feat_dim)
@@ -164,42 +171,56 @@ class MatchingNetwork(Head):
             float(weight_decay)
         self.lr_steps, self.lr_decay = tuple(int(s) for s in lr_steps), float(lr_decay)
         self.query_in_support, self.batch_size, self.seed = bool(query_in_support), int(batch_size), int(seed)
+        if episodes < 0 or meta_shots < 1 or meta_queries < 1:
+            raise ValueError(f"episodes must be >= 0, meta_shots and meta_queries >= 1 (got {episodes}, {meta_shots}, "
+                             f"{meta_queries})")
+        self.episodes, self.meta_shots, self.meta_queries = int(episodes), int(meta_shots), int(meta_queries)
+        self.ways = None if ways is None else int(ways)
+        self.feat_dim_: int | None = None
         self.net_: MatchingNet | None = None
         self.loss_history_: np.ndarray | None = None
         self.g_ = self.g_hat_ = self.support_class_ = self.classes_ = None
         self._batched = False
 
     def hparams(self) -> dict:
-        return {"feat_dim": self.feat_dim, "steps": self.steps, "fce": self.fce, "lr": self.lr,
+        """The hyper-parameters that shape the trained network (a cache key; the width once it is known)."""
+        feat_dim = self.feat_dim if self.feat_dim is not None else self.feat_dim_
+        return {"feat_dim": feat_dim, "steps": self.steps, "fce": self.fce, "lr": self.lr,
                 "momentum": self.momentum, "dampening": self.dampening, "weight_decay": self.weight_decay,
                 "lr_steps": list(self.lr_steps), "lr_decay": self.lr_decay,
                 "query_in_support": self.query_in_support, "seed": self.seed}
 
     # -- the network -------------------------------------------------------------------------------------------
     def _build(self, dim: int) -> MatchingNet:
-        if self.feat_dim is not None and self.feat_dim != dim:
-            raise ValueError(f"features have d = {dim}, the matching network was built for d = {self.feat_dim}")
+        built = self.feat_dim if self.net_ is None else self.net_.dim
+        if built is not None and built != dim:
+            raise ValueError(f"features have d = {dim}, the matching network was built for d = {built}")
         if self.net_ is None:
-            self.feat_dim = dim
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 net = MatchingNet(dim, self.steps, self.fce)
             self.net_ = net.to(self.device)
+        self.feat_dim_ = dim
         return self.net_
 
     # -- meta-training on base classes ---------------------------------------------------------------------------
-    def meta_train(self, features: Any, labels: Any, *, ways: int | None = None, shots: int = 10,
-                   queries: int = 1, episodes: int = 60_000, lr: float | None = None, seed: int | None = None,
-                   progress: bool | Callable[[str, int, int, float | None], None] = False) -> "MatchingNetwork":
-        """Train on episodes drawn from base-class rows ``features`` [n, d], ``labels`` [n].
-
-        ``ways``: classes per episode (None = all, as the original's 389); ``shots``: the maximum support size
-        per class (k ~ U{1..shots}); ``queries``: query rows per class; ``episodes``: SGD steps (one episode
-        each); ``lr`` overrides the initial learning rate; ``seed`` the episode RNG (default: the head's seed);
-        ``progress``: True for a bar on a terminal, or a callable ``(stage, done, total, loss)``.
+    def meta_train(self, data: MetaTrainData, seed: int | None = None) -> "MatchingNetwork":
+        """Train on episodes drawn from the base-class rows ``data.features[data.train_rows]`` with labels
+        ``data.labels[data.train_rows]`` (the episode schedule is the constructor's: ``episodes``, ``ways``,
+        ``meta_shots``, ``meta_queries``, ``lr``, ``lr_steps``). ``seed``: the episode RNG (default: the head's
+        seed); ``data.progress``: True for a bar on a terminal, or a callable ``(stage, done, total, loss)``.
         """
-        x = self._tensor(features)
-        y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1).astype(np.int64)
+        rows = data.train_rows
+        n = int(data.features.shape[0])
+        every_row = len(rows) == n and bool(np.array_equal(rows, np.arange(n)))
+        if every_row:  # no copy of the features
+            x, y = self._tensor(data.features), data.labels
+        else:
+            feats = data.features
+            x = self._tensor(feats[torch.as_tensor(rows, device=feats.device)] if isinstance(feats, torch.Tensor)
+                             else np.asarray(feats)[rows])
+            y = data.labels[rows]
+        shots, queries, episodes, progress = self.meta_shots, self.meta_queries, self.episodes, data.progress
         if x.ndim != 2 or x.shape[0] != y.shape[0]:
             raise ValueError(f"features must be [n, d] with n = len(labels) = {y.shape[0]}")
         order = np.argsort(y, kind="stable")
@@ -209,13 +230,13 @@ class MatchingNetwork(Head):
             bad = classes[counts < need]
             raise ValueError(f"{bad.size} class(es) (e.g. {bad[0]}) have fewer than {need} rows, too few for a "
                              f"support example plus {queries} query row(s); drop them or pass query_in_support")
-        ways = classes.size if ways is None else int(ways)
+        ways = classes.size if self.ways is None else self.ways
         if not 2 <= ways <= classes.size:
             raise ValueError(f"ways must be between 2 and the {classes.size} classes given, got {ways}")
         net = self._build(x.shape[1]).train()
         rng = np.random.default_rng(np.random.SeedSequence([int(self.seed if seed is None else seed)
                                                             & 0xFFFFFFFF, 12]))
-        base_lr = self.lr if lr is None else float(lr)
+        base_lr = self.lr
         opt = torch.optim.SGD(net.parameters(), lr=base_lr, momentum=self.momentum, dampening=self.dampening,
                               weight_decay=self.weight_decay)
         losses = torch.zeros(episodes, dtype=torch.float64, device=self.device)

@@ -2,7 +2,7 @@
 
 ::
 
-    head = ProtoNet(metric="euclidean", open_score="msp")
+    head = ProtoNet(metric="euclidean", unknown_score="msp")
     head.fit(support [n, d] or [E, n, d], labels [n] or [E, n])   # prototypes_ [C, d] or [E, C, d]
     head.logits(queries [m, d] or [E, m, d])                       # [m, C] or [E, m, C]
     head.open_score(queries)                                       # [m] or [E, m]; higher = more unknown
@@ -12,7 +12,7 @@ Logits are ``-||x - p_c||^2 / temperature`` (``metric="euclidean"``) or ``cos(x,
 initial tau) for the cosine one; it changes the softmax and hence the ``msp`` score and the F1 decision, never
 the ranking of classes.
 
-Open scores (higher = more unknown, featstore's convention):
+Open scores (``unknown_score``; higher = more unknown, featstore's convention):
 
 - ``msp``: negative maximum softmax probability over the known classes;
 - ``maxlogit``: negative maximum logit;
@@ -20,7 +20,8 @@ Open scores (higher = more unknown, featstore's convention):
 
 Saturation: with raw Euclidean distances between unnormalised features, the gaps between squared distances are
 often far above 20, where the float32 softmax of the nearest class rounds to exactly 1; ``msp`` then ties for most
-queries (AUROC drifts towards 50%). Use ``open_score="distance"`` (or a larger ``temperature``) on such features.
+queries (AUROC drifts towards 50%). Use ``unknown_score="distance"`` (or a larger ``temperature``) on such
+features. (The hyper-parameter was called ``open_score``, like the method; the benches still accept that name.)
 
 Episodes run as one tensor program: a batch of E episodes is ``[E, n, d]`` support and ``[E, m, d]`` queries, and
 every step is a batched matrix product, so thousands of episodes cost about as much as their feature gather.
@@ -30,30 +31,36 @@ from __future__ import annotations
 
 import torch
 
-from heads.base import Head, register_head
+from heads.base import EPISODES, Head, class_means, register_head
 
 METRICS = ("euclidean", "cosine")
-OPEN_SCORES = ("msp", "maxlogit", "distance")
+UNKNOWN_SCORES = ("msp", "maxlogit", "distance")
 
 
 @register_head("protonet")
 class ProtoNet(Head):
-    """Nearest class mean with softmax over negative squared distances (or scaled cosines)."""
+    """Nearest class mean with softmax over negative squared distances (or scaled cosines).
 
-    def __init__(self, metric: str = "euclidean", open_score: str = "msp", temperature: float | None = None,
+    ``temperature`` None takes the metric's default (module doc); ``scale_temperature`` is the value in use."""
+
+    input_kind = EPISODES
+    gives_unknown_score = True
+    param_aliases = {"open_score": "unknown_score"}
+
+    def __init__(self, metric: str = "euclidean", unknown_score: str = "msp", temperature: float | None = None,
                  device: str | torch.device = "cpu"):
         super().__init__(device)
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, not {metric!r}")
-        if open_score not in OPEN_SCORES:
-            raise ValueError(f"open_score must be one of {', '.join(OPEN_SCORES)}, not {open_score!r}")
-        if temperature is None:
-            temperature = 1.0 if metric == "euclidean" else 0.1
-        if not temperature > 0:
+        if unknown_score not in UNKNOWN_SCORES:
+            raise ValueError(f"unknown_score must be one of {', '.join(UNKNOWN_SCORES)}, not {unknown_score!r}")
+        scale = (1.0 if metric == "euclidean" else 0.1) if temperature is None else temperature
+        if not scale > 0:
             raise ValueError(f"temperature must be positive, not {temperature}")
         self.metric = metric
-        self.open_score_kind = open_score
-        self.temperature = float(temperature)
+        self.unknown_score = unknown_score
+        self.temperature = None if temperature is None else float(temperature)
+        self.scale_temperature = float(scale)
         self.prototypes_: torch.Tensor | None = None
         self.counts_: torch.Tensor | None = None
 
@@ -73,14 +80,10 @@ class ProtoNet(Head):
         C = int(n_classes) if n_classes is not None else int(y.max().item()) + 1 if y.numel() else 0
         if C <= 0:
             raise ValueError("fit needs at least one labelled example")
-        onehot = torch.zeros(*y.shape, C, dtype=x.dtype, device=x.device)
-        valid = (y >= 0) & (y < C)
-        onehot.scatter_(-1, y.clamp(0, C - 1).unsqueeze(-1), valid.unsqueeze(-1).to(x.dtype))
-        counts = onehot.sum(dim=1)                                          # [E, C]
+        protos, counts = class_means(x, y, C)                                # [E, C, d], [E, C]
         if bool((counts == 0).any()):
             e, c = (counts == 0).nonzero()[0].tolist()
             raise ValueError(f"class {c} has no example" + (f" in episode {e}" if batched else ""))
-        protos = torch.bmm(onehot.transpose(1, 2), x) / counts.unsqueeze(-1)  # [E, C, d]
         self.prototypes_ = protos if batched else protos[0]
         self.counts_ = counts if batched else counts[0]
         return self
@@ -115,7 +118,7 @@ class ProtoNet(Head):
 
     def logits(self, features) -> torch.Tensor:
         q, p, batched = self._queries(features)
-        out = self._similarity(q, p) / self.temperature
+        out = self._similarity(q, p) / self.scale_temperature
         return out if batched else out[0]
 
     def distances(self, features) -> torch.Tensor:
@@ -132,8 +135,8 @@ class ProtoNet(Head):
         """``(logits, open_score)`` from one pass over the queries (what the benches call)."""
         q, p, batched = self._queries(features)
         s = self._similarity(q, p)
-        logits = s / self.temperature
-        kind = self.open_score_kind
+        logits = s / self.scale_temperature
+        kind = self.unknown_score
         if kind == "distance":
             score = ((-s).sqrt() if self.metric == "euclidean" else 1.0 - s).amin(dim=-1)
         elif kind == "maxlogit":

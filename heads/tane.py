@@ -1,7 +1,6 @@
 """TANE: Task-Adaptive Negative Envision for few-shot open-set recognition (Huang et al., CVPR 2022).
 
-Spec: ``shared/methods/fsor.md`` section 5 (original code: github.com/shiyuanh/TANE). On pooled features
-f(x) in R^D (640 for ResNet-12):
+Original code: github.com/shiyuanh/TANE. On pooled features f(x) in R^D (640 for ResNet-12):
 
 - (a) prototype calibration: p̂_c = p_c + Dropout(W_o sum_b alpha_cb W_v w_b), alpha over the base memory
   (the backbone classifier rows w_b of the base classes, minus the episode's own classes in meta-training);
@@ -11,12 +10,12 @@ f(x) in R^D (640 for ResNet-12):
 - losses (both the primary and the swapped task): (N+1)-way CE + funit * BCE(1 - tau cos(u_c, f(x)), [y = c]);
 - test: open score = softmax probability of the negative column (higher = more unknown).
 
-``neg_gen_type`` (fsor.md 5.4): ``attg`` (ATT-G, attention over base weights; the default here), ``semang``
-(SEMAN-G: semantic terms in query and key plus a task gate), ``att`` (degenerate: each prototype attends only to
-itself), ``mlp`` (no attention). SEMAN-G needs 300-d class word vectors, which featstore does not have: with
-``semantic_dim=None`` the "semantic" vector of a class is replaced by a visual descriptor (see :class:`TANEHead`);
-pass ``semantic_dim`` plus ``class_semantics`` to ``meta_train`` (and ``support_semantics`` to ``fit``) to use real
-word vectors.
+``neg_gen_type`` (the original's option of that name): ``attg`` (ATT-G, attention over base weights; the default
+here), ``semang`` (SEMAN-G: semantic terms in query and key plus a task gate), ``att`` (degenerate: each prototype
+attends only to itself), ``mlp`` (no attention). SEMAN-G needs 300-d class word vectors, which featstore does not
+have: with ``semantic_dim=None`` the "semantic" vector of a class is replaced by a visual descriptor (see
+:class:`TANEHead`); pass ``semantic_dim`` plus ``MetaTrainData.class_semantics`` to ``meta_train`` (and
+``support_semantics`` to ``fit``) to use real word vectors.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,15 +34,15 @@ NEG_GEN_TYPES = ("semang", "attg", "att", "mlp")
 
 
 def _semantic_mlp(dim: int) -> nn.Sequential:
-    # m(.) of fsor.md 5.4(d): Linear -> LeakyReLU 0.1 -> Dropout 0.1 -> Linear
+    # the semantic MLP m(.) of SEMAN-G in the original: Linear -> LeakyReLU 0.1 -> Dropout 0.1 -> Linear
     return nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU(0.1), nn.Dropout(0.1), nn.Linear(dim, dim))
 
 
 @register_head("tane")
 class TANEHead(NegProtoHead):
-    """TANE negative-prototype head on cached features (fsor.md 5), batched over episodes.
+    """TANE negative-prototype head on cached features, batched over episodes.
 
-    Parameters (defaults = fsor.md 5.7 defaults unless said):
+    Parameters (defaults = the original code's defaults; the published command's values in brackets):
         feat_dim: D (640 for ResNet-12). n_base_classes: B (64 on miniImageNet).
         neg_gen_type: ``attg`` (default here, because we have no word vectors; the original default is
             ``semang``), ``semang``, ``att``, ``mlp``.
@@ -53,7 +51,7 @@ class TANEHead(NegProtoHead):
         semantic_dim: SEMAN-G only. None: no word vectors; the semantic input of a base class is its L2-normalised
             mean feature over the training rows and that of a support class its L2-normalised support prototype
             (a visual stand-in, not the paper). An int S: real word vectors of dimension S (300 in the paper),
-            given to ``meta_train(class_semantics=[C, S])`` (indexed by store class id) and ``fit(...,
+            given as ``MetaTrainData.class_semantics`` [C, S] (indexed by store class id) and ``fit(...,
             support_semantics=[E, N, S])``.
         funit: weight of L_unit (1). train_weight_base: make the base weights trainable (0 [published 1]).
         temperature: initial tau (10). attn_dropout / dropout: 0.1 / 0.1 in the attention blocks.
@@ -61,15 +59,13 @@ class TANEHead(NegProtoHead):
             ReduceLROnPlateau (factor 0.1, ``plateau_patience`` 10) on the best *val* accuracy; otherwise a step
             schedule x ``lr_decay_rate`` (0.1) after each of ``lr_decay_epochs`` (30).
         epochs 65, episodes_per_epoch 600 (= n_train_runs 300 x n_train_para 2), episodes_per_step 2,
-        val_episodes 600: meta-training defaults used when ``meta_train`` gets None.
+        val_episodes 600: the meta-training schedule.
         device, seed: where it runs; the seed fixes the initialisation, dropout and the training episodes.
 
     Learnt state: ``base_weights_`` [B, D] (memory; trainable iff train_weight_base), ``base_classes_`` [B] (store
     class id of each memory row), the attention blocks, ``tau``; after ``fit``: ``prototypes_`` [E, N, D],
     ``neg_prototypes_`` [E, 1, D]. ``history_`` / ``best_epoch_`` log meta-training.
     """
-
-    needs_meta_training = True
 
     def __init__(
         self,
@@ -112,6 +108,9 @@ class TANEHead(NegProtoHead):
         )  # fmt: skip
         self.neg_gen_type = neg_gen_type
         self.agg = agg
+        self.temperature = float(temperature)
+        self.attn_dropout = float(attn_dropout)
+        self.dropout = float(dropout)
         self.base_seman_calib = bool(base_seman_calib)
         self.semantic_dim = None if semantic_dim is None else int(semantic_dim)
         d = self.feat_dim
@@ -158,10 +157,8 @@ class TANEHead(NegProtoHead):
             self.base_ready_.fill_(True)
         return self
 
-    def _prepare_base(self, feats, labels, train_rows, base_classes, base_weights, support_views, seed, extra):
-        class_semantics = extra.pop("class_semantics", None)
-        if extra:
-            raise TypeError(f"meta_train got unexpected arguments: {sorted(extra)}")
+    def _prepare_base(self, feats, labels, train_rows, base_classes, base_weights, support_views, seed, data):
+        class_semantics = data.class_semantics
         if base_weights is None:
             raise ValueError("TANE needs base_weights [B, D]: the backbone classifier rows of the base classes")
         base_sem = None
@@ -177,7 +174,7 @@ class TANEHead(NegProtoHead):
                 base_sem = F.normalize(sums, dim=-1)
             else:
                 if class_semantics is None:
-                    raise ValueError("semantic_dim is set: pass class_semantics=[n_classes, S] to meta_train")
+                    raise ValueError("semantic_dim is set: meta_train needs class_semantics [n_classes, S] in its data")
                 self.class_semantics_ = as_tensor(class_semantics, self.device)
                 base_sem = self.class_semantics_[torch.as_tensor(base_classes, device=self.device)]
         self.set_base_memory(base_weights, base_classes, base_sem)
@@ -186,18 +183,6 @@ class TANEHead(NegProtoHead):
         if self.neg_gen_type != "semang" or self.semantic_dim is None:
             return None
         return self.class_semantics_[store_classes.to(self.device)]
-
-    def meta_train(
-        self, features, labels, train_rows, val_rows=None, base_weights=None, seed=None, *, class_semantics=None, **kw
-    ) -> "TANEHead":
-        """Meta-train on cached base-class features; see :meth:`NegProtoHead.meta_train` for the arguments and
-        keywords (ways, shots, queries, open_ways, epochs, episodes_per_epoch, episodes_per_step, lr, seed,
-        val_episodes, progress, base_classes, support_views, ...). base_weights [B, D] is required.
-        class_semantics [C, S]: word vectors indexed by store class id (only with ``semantic_dim`` set).
-        """
-        return super().meta_train(
-            features, labels, train_rows, val_rows, base_weights, seed, class_semantics=class_semantics, **kw
-        )
 
     # -- the generator ----------------------------------------------------------------------------------------
     def _gate(self, lin_v: nn.Linear, lin_s: nn.Linear, sem: torch.Tensor, key_mask):

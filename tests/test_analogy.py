@@ -1,11 +1,10 @@
-"""heads/analogy.py: faithful k-means, exact analogy mining, generator training, generation (lowshot.md section 6)."""
+"""heads/analogy.py: faithful k-means, exact analogy mining, generator training, generation."""
 
 import numpy as np
 import pytest
 import torch
 
-from heads.analogy import (AnalogyGenerator, cluster_classes, difference_vectors, kmeans_faithful,
-                           mine_analogies)
+from heads.analogy import AnalogyGenerator, cluster_classes, difference_vectors, kmeans_faithful, mine_analogies
 from heads.base import NotFittedError
 
 

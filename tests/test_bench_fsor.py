@@ -1,7 +1,9 @@
-"""bench fsor end to end on a small clustered store the test builds; errors; the meta-training hook; speed helpers."""
+"""bench fsor end to end on a small clustered store the test builds; the option vocabulary; closed episodes; errors;
+the meta-training hook; the perf section's helpers."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from bench.fsor import (loop_protonet_reference, perf_fsor_section, run_fsor, vectorised_protonet)
+from bench.fsor import run_fsor
+from bench.perf_fsor import fsor_section, loop_protonet_reference, vectorised_protonet
 from featstore.episodes import EpisodeSampler
 from featstore.errors import UserError
 from featstore.store import FeatureStore, Layout
-from heads.base import HEADS, Head, register_head
+from heads.base import EPISODES, HEADS, MAPS, Head, MetaTrainData, register_head
 from heads.protonet import ProtoNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +62,7 @@ def cli(*args, timeout=120):
 def test_bench_fsor_end_to_end(store_path, tmp_path):
     out = tmp_path / "out"
     proc = cli("--store", store_path, "--split", "test", "--ways", 5, "--shots", "1,5", "--open-ways", 5,
-               "--queries", 15, "--episodes", 60, "--batch", 25, "--head", "protonet",
+               "--queries", 15, "--episodes", 60, "--episode-batch", 25, "--head", "protonet",
                "--head", "protonet:open_score=distance", "--seed", 3, "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| protonet | 1 |" in proc.stdout
@@ -93,9 +96,9 @@ def test_bench_fsor_end_to_end(store_path, tmp_path):
 def test_same_seed_same_numbers_whatever_the_batch(store_path):
     common = dict(split="test", shots=(1,), episodes=40, heads=("protonet:open_score=distance",), seed=5,
                   quiet=True, threshold="median")
-    a = run_fsor(store_path, batch=40, **common)["heads"]
-    b = run_fsor(store_path, batch=7, chunk=3, **common)["heads"]
-    c = run_fsor(store_path, batch=40, **{**common, "seed": 6})["heads"]
+    a = run_fsor(store_path, episode_batch=40, **common)["heads"]
+    b = run_fsor(store_path, episode_batch=7, chunk=3, **common)["heads"]
+    c = run_fsor(store_path, batch=40, **{**common, "seed": 6})["heads"]  # the older name of episode_batch
     key = "protonet:open_score=distance"
     for m in ("acc", "auroc", "f1_macro", "f1_paper"):
         assert a[key]["1-shot"][m]["mean"] == pytest.approx(b[key]["1-shot"][m]["mean"], abs=1e-9)
@@ -106,7 +109,13 @@ def test_same_seed_same_numbers_whatever_the_batch(store_path):
 @pytest.mark.parametrize("args, needle", [
     (["--split", "nope"], "no split 'nope'"),
     (["--ways", 12], "12 usable classes but 12-way with 5 open classes needs 17"),
-    (["--head", "nosuchhead"], "head 'nosuchhead' is not available (registered heads: "),
+    (["--head", "nosuchhead"], "unknown head 'nosuchhead'; known: "),
+    (["--head", "protonet", "--head-option", "protonet.colour=red"],
+     "head 'protonet' takes no option 'colour'; it takes: metric, unknown_score"),
+    (["--head-option", "tane.epochs=3"], "head 'tane' is not among --head protonet"),
+    (["--shots", "3..4"], "none of the canonical values 1, 2, 5, 10, 20 lies in 3..4"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+    (["--threads", 0], "--threads must be at least 1"),
 ])
 def test_bad_input_is_one_line_exit_2(store_path, tmp_path, args, needle):
     out = tmp_path / "out"
@@ -124,45 +133,58 @@ def test_bad_values_in_process(store_path):
         run_fsor(store_path, episodes=2, views_per_support=9, quiet=True)
     with pytest.raises(UserError, match="bad head parameter"):
         run_fsor(store_path, episodes=2, heads=("protonet:metric",), quiet=True)
-    with pytest.raises(UserError, match="head 'protonet:colour=red'"):
+    with pytest.raises(UserError, match="head 'protonet' takes no option 'colour'; it takes: metric"):
         run_fsor(store_path, episodes=2, heads=("protonet:colour=red",), quiet=True)
+    with pytest.raises(UserError, match="head 'protonet': unknown_score must be one of"):
+        run_fsor(store_path, episodes=2, heads=("protonet",), head_options=("protonet.unknown_score=x",), quiet=True)
+    with pytest.raises(UserError, match="--open-ways must be 0"):
+        run_fsor(store_path, episodes=2, open_ways=-1, quiet=True)
 
 
 class MetaDummy(Head):
     """A head with an unknown column that records its meta-training call."""
 
+    input_kind = EPISODES
     needs_meta_training = True
+    has_unknown_column = True
     calls: list = []
 
-    def meta_train(self, features, labels, train_rows, val_rows, base_weights, seed, base_classes=None,
-                   shots=None):
-        type(self).calls.append(dict(n=features.shape[0], train=len(train_rows), val=len(val_rows),
-                                     base=tuple(base_weights.shape), seed=seed, classes=list(base_classes),
-                                     shots=shots, weights=base_weights, labels=labels, rows=train_rows,
-                                     features=features))
-
-    def fit(self, features, labels):
-        self.inner_ = ProtoNet(open_score="distance").fit(features, labels)
+    def meta_train(self, data: MetaTrainData, seed=None):
+        type(self).calls.append(dict(n=data.features.shape[0], train=len(data.train_rows), val=len(data.val_rows),
+                                     base=tuple(data.base_weights.shape), seed=seed, classes=list(data.base_classes),
+                                     shots=data.shots, ways=data.ways, queries=data.queries,
+                                     open_ways=data.open_ways, views=tuple(data.support_views.shape),
+                                     weights=data.base_weights, labels=data.labels, rows=data.train_rows,
+                                     features=data.features))
         return self
 
-    def logits(self, features):
+    def fit(self, features, labels):
+        self.inner_ = ProtoNet(unknown_score="distance").fit(features, labels)
+        return self
+
+    def logits_with_negative(self, features):
         logits = self.inner_.logits(features)
         return torch.cat([logits, torch.full_like(logits[..., :1], -1.0)], dim=-1)  # unknown beyond d^2 = 1
 
+    def logits(self, features):
+        return self.inner_.logits(features)
+
     def open_score(self, features):
-        return torch.softmax(self.logits(features), -1)[..., -1]
+        return torch.softmax(self.logits_with_negative(features), -1)[..., -1]
 
 
 def test_meta_training_hook(store_path):
     if "test_meta_dummy" not in HEADS:
         register_head("test_meta_dummy")(MetaDummy)
     MetaDummy.calls.clear()
-    result = run_fsor(store_path, shots=(1, 5), episodes=20, batch=10, heads=("test_meta_dummy",), seed=11,
-                      quiet=True)
+    result = run_fsor(store_path, shots=(1, 5), episodes=20, episode_batch=10, heads=("test_meta_dummy",), seed=11,
+                      queries=7, quiet=True)
     assert [c["shots"] for c in MetaDummy.calls] == [1, 5]  # once per shot setting, before the test episodes
     call = MetaDummy.calls[0]
     assert call["n"] == N_CLASSES * PER_CLASS and call["train"] == 16 * PER_CLASS and call["val"] == 12 * PER_CLASS
     assert call["base"] == (16, DIM) and call["classes"] == list(range(16)) and call["seed"] == 11
+    assert (call["ways"], call["queries"], call["open_ways"]) == (5, 7, 5)  # the test episodes' shape
+    assert call["views"] == (VIEWS, N_CLASSES * PER_CLASS, DIM)  # the store's cached views
     rows = call["rows"][call["labels"][call["rows"]] == 3]
     assert torch.allclose(call["weights"][3], call["features"][torch.from_numpy(rows)].mean(0), atol=1e-5)
     entry = result["heads"]["test_meta_dummy"]["5-shot"]
@@ -183,17 +205,24 @@ def test_loop_reference_agrees_with_vectorised(store_path):
 
 def test_perf_section_quick(tmp_path):
     args = SimpleNamespace(store=None, workdir=str(tmp_path / "work"), seed=0, quick=True, dim=16, notes=[])
-    rows = perf_fsor_section(args)
-    assert len(rows) == 3 and all(r["section"] == "fsor" for r in rows)
+    rows = fsor_section(args)
+    has_easyfsl = importlib.util.find_spec("easyfsl") is not None
+    assert len(rows) == (4 if has_easyfsl else 3) and all(r["section"] == "fsor" for r in rows)
     target = rows[0]
     assert target["target"] == ">= 20" and target["passed"] is None  # --quick: not judged
     assert target["ratio"] > 1 and "agree" in target["note"]
     assert "SYNTHETIC" in args.notes[0]
+    if has_easyfsl:  # closed 5-way 1-shot tasks against easyfsl's PrototypicalNetworks, same accuracies
+        row = rows[2]
+        assert row["target"] == ">= 3" and row["passed"] is None and "easyfsl" in row["reference_name"]
+        assert "agree" in row["note"] and row["ratio"] > 0
+    else:
+        assert any("easyfsl is not installed" in n for n in args.notes)
     assert not any((tmp_path / "work").iterdir())  # the temporary store was removed
 
 
 def test_base_memory_is_the_checkpoint_classifier(tmp_path, monkeypatch):
-    """TANE's base memory: the backbone classifier rows of the base classes, matched by name (fsor.md 5.3)."""
+    """TANE's base memory: the backbone classifier rows of the base classes, matched by name."""
     from bench.fsor import checkpoint_base_weights
     from extract.backbones import create_backbone, save_checkpoint, sha256_file
     from featstore.store import FeatureStore, Layout
@@ -217,3 +246,104 @@ def test_base_memory_is_the_checkpoint_classifier(tmp_path, monkeypatch):
     torch.testing.assert_close(checkpoint_base_weights(rel, np.array([1]), torch.device("cpu")), weight[[0]])
     ckpt.write_bytes(ckpt.read_bytes() + b"x")  # changed since extraction: never trusted
     assert checkpoint_base_weights(store, np.array([0, 1]), torch.device("cpu")) is None
+
+
+def test_head_option_and_the_older_spec_are_the_same_head(store_path):
+    common = dict(split="test", shots="1..2", episodes=30, seed=4, quiet=True, threshold="median", threads=1)
+    new = run_fsor(store_path, heads=("protonet",), head_options=("protonet.unknown_score=distance",), **common)
+    old = run_fsor(store_path, heads=("protonet:open_score=distance",), **common)  # the documented alias
+    bare = run_fsor(store_path, heads=("protonet",), head_options=("unknown_score=distance",), **common)
+    assert set(new["heads"]["protonet"]) == {"1-shot", "2-shot"}  # 1..2: the canonical 1, 2
+    for k in ("1-shot", "2-shot"):
+        for m in ("acc", "auroc", "f1_macro", "f1_paper", "oscr", "aupr_out", "fpr95"):
+            assert new["heads"]["protonet"][k][m] == old["heads"]["protonet:open_score=distance"][k][m]
+            assert new["heads"]["protonet"][k][m] == bare["heads"]["protonet"][k][m]
+    msp = run_fsor(store_path, heads=("protonet",), **common)["heads"]["protonet"]["1-shot"]
+    assert msp["auroc"] != new["heads"]["protonet"]["1-shot"]["auroc"]  # the option reached the head
+
+
+def _hard_store(path: Path) -> Path:
+    """12 overlapping clusters x 20 rows x 8 dims (1-shot accuracy far from 100%), split 'test' only."""
+    rng = np.random.default_rng(7)
+    labels = np.repeat(np.arange(12), 20)
+    x = (rng.standard_normal((12, 8))[labels] * 0.8 + rng.standard_normal((len(labels), 8))).astype(np.float32)
+    store = FeatureStore.create(path, Layout(n=len(labels), dim=8, dtype="float32", chunk_rows=64),
+                                fingerprint={"model": "fsor-closed-test"}, classes=[f"c{i}" for i in range(12)],
+                                labels=labels, ids=[f"s{i}" for i in range(len(labels))],
+                                splits={"test": np.arange(len(labels))})
+    for c in range(store.n_chunks):
+        lo, hi = store.chunk_range(c)
+        store.write_chunk(c, x[lo:hi])
+    store.close()
+    return path
+
+
+def test_closed_episodes_equal_a_numpy_nearest_centroid(tmp_path):
+    """--open-ways 0: plain N-way K-shot episodes; accuracy (mean, 95% CI) equals nearest-centroid in numpy."""
+    from scipy import stats
+
+    path = _hard_store(tmp_path / "hard.zarr")
+    out = tmp_path / "closed"
+    proc = cli("--store", path, "--split", "test", "--ways", 5, "--shots", "1,5", "--open-ways", 0, "--queries", 6,
+               "--episodes", 200, "--episode-batch", 64, "--head", "protonet", "--seed", 9, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["open_ways"] == 0
+    x = FeatureStore.open(path).load_features().astype(np.float64)
+    for k in (1, 5):
+        entry = data["metrics"]["heads"]["protonet"][f"{k}-shot"]
+        assert set(entry) == {"acc", "episodes"}  # no open metric, decision or threshold
+        ep = np.load(out / f"episodes_{k}shot.npz")
+        assert ep["query"].shape == (200, 5 * 6) and ep["open_classes"].shape == (200, 0)
+        protos = x[ep["support"]].reshape(200, 5, k, -1).mean(2)                     # class-major supports
+        q = x[ep["query"]]
+        d2 = ((q[:, :, None, :] - protos[:, None, :, :]) ** 2).sum(-1)               # [E, m, N]
+        truth = np.repeat(np.arange(5), 6)
+        acc = (d2.argmin(-1) == truth).mean(1) * 100
+        assert 30 < acc.mean() < 95  # far from both chance and perfect: the comparison means something
+        half = stats.t.ppf(0.975, len(acc) - 1) * acc.std(ddof=1) / np.sqrt(len(acc))
+        assert entry["acc"]["mean"] == pytest.approx(acc.mean(), abs=1e-9)
+        assert entry["acc"]["ci95"] == pytest.approx(half, abs=1e-9)
+    assert set(data["metrics"]["metric_names"]) == {"acc"}
+    assert not (out / "roc.png").exists()
+    md = (out / "results.md").read_text()
+    assert "closed episodes" in md and "AUROC" not in md
+    assert "| protonet | 1 |" in proc.stdout and "AUROC" not in proc.stdout
+
+
+class MapsDummy(Head):
+    """A head that needs spatial maps, which bench fsor does not give."""
+
+    input_kind = MAPS
+
+
+def test_unmet_needs_are_refused_in_one_line(store_path, tmp_path):
+    if "test_maps_dummy" not in HEADS:
+        register_head("test_maps_dummy")(MapsDummy)
+    with pytest.raises(UserError, match="head 'test_maps_dummy' needs maps inputs; bench fsor gives episodes"):
+        run_fsor(store_path, episodes=2, heads=("test_maps_dummy",), quiet=True)
+    if "test_meta_dummy" not in HEADS:
+        register_head("test_meta_dummy")(MetaDummy)
+    with pytest.raises(UserError, match="needs meta-training, which bench fsor does not run .*no split 'nosuch'"):
+        run_fsor(store_path, episodes=2, heads=("test_meta_dummy",), train_split="nosuch", quiet=True)
+
+
+def test_batch_is_the_older_name_of_episode_batch(store_path, tmp_path):
+    runs = {}
+    for flag in ("--batch", "--episode-batch"):
+        out = tmp_path / flag.strip("-")
+        proc = cli("--store", store_path, "--episodes", 14, flag, 6, "--shots", 1, "--threshold", "median",
+                   "--seed", 2, "--out", out, "--quiet")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[flag] = json.loads((out / "results.json").read_text())
+        assert runs[flag]["config"]["episode_batch"] == 6
+    assert runs["--batch"]["metrics"]["heads"] == runs["--episode-batch"]["metrics"]["heads"]
+
+
+def test_a_pooled_head_is_fitted_episode_by_episode(store_path):
+    common = dict(episodes=4, shots=(1,), quiet=True, threshold="median", episode_batch=4, seed=1)
+    with pytest.raises(UserError, match="head 'logreg' on 5-way 1-shot episodes: the base pool has 5 rows"):
+        run_fsor(store_path, heads=("logreg",), **common)  # its default batch of 1000 rows: one line, no traceback
+    got = run_fsor(store_path, heads=("logreg",), head_options=("logreg.batch_size=5", "logreg.iterations=50"),
+                   **common)["heads"]["logreg"]["1-shot"]
+    assert got["acc"]["mean"] > 95 and got["decision"] == "median"

@@ -283,7 +283,8 @@ def test_omniglot_split_and_missing_set(omni_roots, tmp_path):
     # a gzip'd tar is refused with the fix
     gz = tmp_path / "gz"
     gz.mkdir()
-    (gz / "images_background.tar").write_bytes(gzip.compress((omni_roots["tar"] / "images_background.tar").read_bytes()))
+    tar_bytes = (omni_roots["tar"] / "images_background.tar").read_bytes()
+    (gz / "images_background.tar").write_bytes(gzip.compress(tar_bytes))
     with pytest.raises(UserError, match="gunzip"):
         open_source("omniglot", gz)
 
@@ -710,7 +711,8 @@ def test_build_transform_resize_and_centre_crop():
     # a grayscale image gives the same tensor as its RGB copy (the transform replicates after resizing)
     g = Image.fromarray(_rng(9).integers(0, 256, (37, 53), dtype=np.uint8))
     for resize in (None, 40):
-        t = build_transform({"size": 32, "resize": resize, "channels": 3, "normalize": "tflite", "interpolation": "bicubic"})
+        t = build_transform({"size": 32, "resize": resize, "channels": 3, "normalize": "tflite",
+                             "interpolation": "bicubic"})
         assert torch.equal(t(g), t(g.convert("RGB")))
 
 
@@ -732,7 +734,8 @@ def test_build_transform_bad_specs():
 
 def test_transform_spec_merges_source():
     gray = open_source("digits")
-    spec = transform_spec({"size": 224, "resize": 256, "channels": 3, "normalize": "tflite", "interpolation": "bicubic"}, gray)
+    spec = transform_spec({"size": 224, "resize": 256, "channels": 3, "normalize": "tflite",
+                           "interpolation": "bicubic"}, gray)
     assert spec["size"] == 224 and spec["resize"] == 256 and spec["channels"] == 3
     assert spec["source_grayscale"] is True and spec["channel_op"] == "replicate" and spec["source_native_size"] == 8
     small = transform_spec({"size": 224, "resize": 256, "channels": 3, "normalize": "tflite"}, gray, size=84)

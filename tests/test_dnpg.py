@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from heads._negproto_common import episode_auroc, sample_episodes, swap_alignment_loss
-from heads.base import HEADS, NotFittedError, create_head
+from heads._negproto_common import sample_episodes, swap_alignment_loss
+from heads.base import HEADS, MetaTrainData, NotFittedError, create_head
 from heads.dnpg import DNPGHead, reverse_classification_losses
+from heads.scores import batched_auroc
 
 D, N_BASE = 16, 20
 P2 = dict(phase2_epochs=15, phase2_batch_size=64)  # a short Phase 2 for the toy store
@@ -42,7 +43,8 @@ def store():
     return x, y, train, val, test
 
 
-TRAIN_KW = dict(ways=3, shots=1, queries=5, open_ways=3, episodes_per_epoch=40, val_episodes=40)
+SHAPE = dict(ways=3, shots=1, queries=5, open_ways=3)  # the episode shape a protocol passes in the data
+SCHEDULE = dict(episodes_per_epoch=40, val_episodes=40)  # constructor hyper-parameters
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def phase2_head(store):
 @pytest.fixture(scope="module")
 def trained(store):
     x, y, train, val, _ = store
-    return DNPGHead(D, N_BASE, seed=0, **P2).meta_train(x, y, train, val, None, epochs=6, **TRAIN_KW)
+    return DNPGHead(D, N_BASE, seed=0, epochs=6, **SCHEDULE, **P2).meta_train(MetaTrainData(x, y, train, val, **SHAPE))
 
 
 def test_registered():
@@ -65,7 +67,7 @@ def test_registered():
 
 # -- swap alignment -----------------------------------------------------------------------------------------------
 def _np_swap_alignment(p, q, p2, q2):
-    """L_SA written out with loops over episodes and elements (fsor.md 6.4)."""
+    """The DNPG paper's L_SA written out with loops over episodes and elements."""
 
     def cos(a, b):
         return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
@@ -215,7 +217,7 @@ def test_open_score_separates_unknowns_after_meta_training(store, trained):
     unknown = ep.query_labels < 0
     auroc = np.mean([roc_auc_score(unknown[i].numpy(), scores[i].numpy()) for i in range(len(scores))])
     assert auroc > 0.8, auroc
-    assert episode_auroc(scores, unknown).mean().item() == pytest.approx(auroc, abs=1e-6)
+    assert batched_auroc(scores, unknown).mean().item() == pytest.approx(auroc, abs=1e-6)
     acc = (trained.logits(x[ep.query]).argmax(-1) == ep.query_labels)[:, :75].float().mean().item()
     assert acc > 0.9, acc
     assert len(trained.phase2_history_) == P2["phase2_epochs"]  # meta_train ran Phase 2 first
@@ -238,8 +240,8 @@ def test_same_seed_same_numbers(store):
     x, y, train, val, test = store
 
     def run(seed):
-        h = DNPGHead(D, N_BASE, seed=seed, phase2_epochs=3, phase2_batch_size=64)
-        h.meta_train(x, y, train, val, None, epochs=2, **TRAIN_KW)
+        h = DNPGHead(D, N_BASE, seed=seed, phase2_epochs=3, phase2_batch_size=64, epochs=2, **SCHEDULE)
+        h.meta_train(MetaTrainData(x, y, train, val, **SHAPE))
         ep = sample_episodes(y, test, ways=5, shots=1, queries=3, open_ways=5, seed=2, count=3)
         return h.fit(x[ep.support], ep.support_labels).open_score(x[ep.query])
 
@@ -248,3 +250,18 @@ def test_same_seed_same_numbers(store):
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_phase2_is_a_constructor_switch(store, phase2_head):
+    x, y, train, val, _ = store
+    data = MetaTrainData(x, y, train, val, **SHAPE)
+    with pytest.raises(NotFittedError, match="phase2=False"):
+        DNPGHead(D, N_BASE, phase2=False, epochs=0).meta_train(data)
+    installed = DNPGHead(D, N_BASE, phase2=False, epochs=0)
+    installed.set_open_weights(phase2_head.gcpl_centers_, phase2_head.rpl_points_)
+    assert torch.equal(installed.meta_train(data).gcpl_centers_, phase2_head.gcpl_centers_)  # kept
+    again = DNPGHead(D, N_BASE, phase2=True, epochs=0, phase2_epochs=1, phase2_batch_size=64)
+    again.set_open_weights(phase2_head.gcpl_centers_, phase2_head.rpl_points_)
+    again.meta_train(data)
+    assert len(again.phase2_history_) == 1 and not torch.equal(again.gcpl_centers_, phase2_head.gcpl_centers_)
+    assert again.clone().get_params()["phase2"] is True

@@ -237,3 +237,24 @@ def test_real_data_extracts_through_worker_processes(tmp_path, shared_data, data
     assert list(store.ids) == list(source.ids[:96])
     x = store.load_features()
     assert np.isfinite(x).all() and x.std() > 0
+
+
+def test_command_line_spellings():
+    """--no-channels-last (the old flag) still works beside --channels-last; -q is --quiet."""
+    from extract.cli import cli as group
+
+    ctx = group.make_context("extract", ["--model", "conv4", "--out", "s.zarr", "--no-channels-last", "-q",
+                                         "--threads", "3"])
+    assert ctx.params["channels_last"] is False and ctx.params["quiet"] and ctx.params["threads"] == 3
+    ctx = group.make_context("extract", ["--model", "conv4", "--out", "s.zarr"])
+    assert ctx.params["channels_last"] is True and ctx.params["threads"] is None
+
+
+def test_bad_device_and_threads_are_one_line_errors(tmp_path):
+    from featstore.errors import UserError
+
+    with pytest.raises(UserError, match="--device must be cpu, cuda or cuda:N"):
+        run_extraction(ExtractConfig(model="conv4", out=str(tmp_path / "s.zarr"), device="tpu", random_init=True))
+    with pytest.raises(UserError, match="--threads must be at least 1"):
+        run_extraction(ExtractConfig(model="conv4", out=str(tmp_path / "s.zarr"), threads=0, random_init=True))
+    assert not (tmp_path / "s.zarr").exists()

@@ -49,7 +49,7 @@ def lowshot_problem(seed=0, d=12, n_base=4, n_novel=3, base_per=60, shots=2, tes
 
 def test_registered_and_batch_mix():
     assert HEADS["logreg"] is LowShotLogReg
-    assert base_rows_per_batch(1000, 196, 311) == 387     # ImageNet test setup (lowshot.md 7.1)
+    assert base_rows_per_batch(1000, 196, 311) == 387     # ImageNet test setup: 196 base, 311 novel classes
     assert base_rows_per_batch(1000, 193, 300) == 391     # validation setup
     W, b = default_init(2, 5, 16, [0, 1])
     assert W.shape == (2, 5, 16) and b.shape == (2, 5) and W.abs().max() <= 0.25

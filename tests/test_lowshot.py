@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench import head_cache
 from bench import lowshot as ls
-from bench.lowshot import LowShotConfig, LowShotMethod, register_method
+from bench.kit import parse_shots
+from bench.lowshot import LowShotConfig, LowShotMethod
 from featstore.errors import UserError
 from featstore.store import FeatureStore, Layout
 
@@ -66,16 +68,16 @@ def cfg_for(store, out, **kw):
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
-def test_parse_n():
-    assert ls.parse_n("1..20") == [1, 2, 5, 10, 20]
-    assert ls.parse_n("2..10") == [2, 5, 10]
-    assert ls.parse_n("1,3,7") == [1, 3, 7]
-    assert ls.parse_n("7, 3,3") == [3, 7]
-    assert ls.parse_n("5") == [5]
-    assert ls.parse_n([20, 1]) == [1, 20]
+def test_parse_shots():
+    assert parse_shots("1..20") == [1, 2, 5, 10, 20]
+    assert parse_shots("2..10") == [2, 5, 10]
+    assert parse_shots("1,3,7") == [1, 3, 7]
+    assert parse_shots("7, 3,3") == [3, 7]
+    assert parse_shots("5") == [5]
+    assert parse_shots([20, 1]) == [1, 20]
     for bad in ("", "0", "a..b", "3..1", "1;2", "-1", "21..30"):
         with pytest.raises(UserError):
-            ls.parse_n(bad)
+            parse_shots(bad)
 
 
 def test_rule_mask(store):
@@ -146,7 +148,7 @@ def test_val_and_test_setups_are_halves(store, tmp_path):
 def test_infeasible_n_names_the_class_and_largest_n(store, tmp_path):
     cfg = cfg_for(store, tmp_path, setup="all", train_rule="drawer<=16", test_rule="drawer>=17")
     with pytest.raises(UserError, match=r"novel class 'char\d\d' has only 16 .* largest feasible n is 16"):
-        ls.build_protocol(cfg, store, store, ls.parse_n("1..20"))
+        ls.build_protocol(cfg, store, store, parse_shots("1..20"))
     assert not (tmp_path / "protocol.json").exists() and not (tmp_path / "splitfile_1.json").exists()
     ls.build_protocol(cfg, store, store, [1, 16])  # a failed run fixed nothing: the same --out works
 
@@ -256,7 +258,7 @@ class NearestMeanMethod(LowShotMethod):
         return -torch.cdist(test_feats, means) ** 2
 
 
-def test_end_to_end_command(store, tmp_path):
+def test_end_to_end_command(store, tmp_path, monkeypatch):
     """`python -m bench.lowshot` writes results.json, the markdown table and the PNG; "all" is the image-weighted
     mean of base and novel."""
     out = tmp_path / "out"
@@ -288,13 +290,10 @@ def test_end_to_end_command(store, tmp_path):
     assert (out / "lowshot_novel_top5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Same --out, a plug-in head beside logreg, in-process: the split files are reused.
-    register_method("nearest-mean")(NearestMeanMethod)
-    try:
-        cfg = cfg_for(store, out, heads=("logreg", "nearest-mean"), n="1,2,5", experiments=3, setup="all",
-                      train_rule="drawer<=16", test_rule="drawer>=17", seed=3, lr=0.5, wd=0.001)
-        m2 = ls.run_lowshot(cfg)
-    finally:
-        ls.METHODS.pop("nearest-mean", None)
+    monkeypatch.setitem(ls.ADAPTERS, "nearest-mean", NearestMeanMethod)
+    cfg = cfg_for(store, out, heads=("logreg", "nearest-mean"), n="1,2,5", experiments=3, setup="all",
+                  train_rule="drawer<=16", test_rule="drawer>=17", seed=3, lr=0.5, wd=0.001)
+    m2 = ls.run_lowshot(cfg)
     assert set(m2["summary"]) == {"logreg", "nearest-mean"}
     assert m2["protocol"]["splitfiles"]["generated_now"] == []
     assert m2["summary"]["nearest-mean"]["n=5"]["novel_top1"]["mean"] > 50
@@ -342,7 +341,7 @@ def test_analogy_and_matching_heads_plug_in(tmp_path, monkeypatch):
     holder = FeatureStore.open(store.path)
     holder.acquire_lock()
     try:
-        monkeypatch.setattr(ls, "CACHE_LOCK_WAIT", 0.1)
+        monkeypatch.setattr(head_cache, "CACHE_LOCK_WAIT", 0.1)
         busy = dataclasses.replace(cfg, out=str(tmp_path / "busy"), head_options=opts + ("episodes=11",))
         m4 = ls.run_lowshot(busy)
     finally:
@@ -364,8 +363,43 @@ def test_head_options_scoped_to_one_head():
     assert matching["episodes"] == 9 and "generator_iterations" not in matching
     with pytest.raises(UserError, match="KEY=VALUE"):
         ls.parse_head_options(["analogy.=3"])
-    # --max-per-label overrides table 7.6's value for the generation head
+    # --max-per-label overrides the per-representation value for the generation head
     assert analogy["max_per_label"] == 20
     padded = ls.method_options(dataclasses.replace(cfg, max_per_label=5), ls.resolve_method("analogy"), table,
                                "analogy")
     assert padded["max_per_label"] == 5 and ls.make_method("analogy", padded).generator_options["max_per_label"] == 5
+
+
+def test_options_no_chosen_head_takes_are_refused(store, tmp_path):
+    """A classifier option given for heads that do not take it is an error naming the heads and what they take;
+    --head-option NAME.KEY for a key the head does not take names the keys it takes."""
+    matching_only = ls.LowShotConfig(store=str(store.path), out=str(tmp_path), heads=("matching",), lr=0.5)
+    with pytest.raises(UserError, match=r"^--lr was given, but none of the heads matching takes it \(matching "
+                                        r"takes episodes, per_class"):
+        ls.check_config(matching_only)
+    ls.check_config(dataclasses.replace(matching_only, heads=("logreg", "mn")))   # logreg takes --lr
+    with pytest.raises(UserError, match="--max-per-label was given, but none of the heads logreg"):
+        ls.check_config(ls.LowShotConfig(store="s", out="o", heads=("logreg",), max_per_label=5))
+    with pytest.raises(UserError, match=r"head 'logreg' takes no option 'episodes'; it takes: lr, wd"):
+        ls.check_config(ls.LowShotConfig(store="s", out="o", heads=("logreg",), head_options=("logreg.episodes=3",)))
+    with pytest.raises(UserError, match="head 'analogy' is not among --head logreg"):
+        ls.check_config(ls.LowShotConfig(store="s", out="o", heads=("logreg",),
+                                         head_options=("analogy.max_per_label=3",)))
+    # on the command line an option counts as given when it is written, even at its default value
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "bench.lowshot", "--store", str(store.path), "--out",
+                           str(tmp_path / "out"), "--head", "matching", "--iterations", "10000"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--iterations was given, but none of the heads matching takes it" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_old_and_new_spellings_of_options():
+    ctx = ls.lowshot_command.make_context("lowshot", ["--store", "s", "--out", "o", "--n", "1,2", "--wd", "0.01"])
+    new = ls.lowshot_command.make_context("lowshot", ["--store", "s", "--out", "o", "--shots", "1,2",
+                                                      "--weight-decay", "0.01"])
+    assert ctx.params["n_spec"] == new.params["n_spec"] == "1,2" and ctx.params["wd"] == new.params["wd"] == 0.01
+    assert ls._explicit(ctx) == ("wd",) and ls._explicit(new) == ("wd",)
+    assert ls._explicit(ls.lowshot_command.make_context("lowshot", ["--store", "s", "--out", "o"])) == ()

@@ -1,4 +1,4 @@
-"""heads/matching.py: matching networks with full-context embeddings on features (lowshot.md section 8)."""
+"""heads/matching.py: matching networks with full-context embeddings on features."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from heads.base import NotFittedError, create_head
+from heads.base import MetaTrainData, NotFittedError, create_head
 from heads.matching import MatchingNet, MatchingNetwork, class_log_probs, lowshot_support
 
 
@@ -116,8 +116,8 @@ def test_batched_episodes_equal_single_fits():
 
 def test_meta_training_lowers_the_loss():
     x, y = _clustered()
-    head = MatchingNetwork(steps=2, seed=0)
-    head.meta_train(x, y, ways=5, shots=5, queries=2, episodes=240, lr=0.1, seed=0)
+    head = MatchingNetwork(steps=2, seed=0, ways=5, meta_shots=5, meta_queries=2, episodes=240, lr=0.1)
+    head.meta_train(MetaTrainData(torch.from_numpy(x), y, np.arange(len(y))), seed=0)
     hist = head.loss_history_
     assert hist.shape == (240,) and np.isfinite(hist).all()
     assert hist[-60:].mean() < 0.8 * hist[:60].mean()
@@ -127,9 +127,17 @@ def test_meta_training_lowers_the_loss():
     acc = (head.fit(x[sup], y[sup]).predict(x[qry]).numpy() == y[qry]).mean()
     assert acc > 0.6
     # same seed, same training
-    again = MatchingNetwork(steps=2, seed=0).meta_train(x, y, ways=5, shots=5, queries=2, episodes=20, seed=0)
-    first = MatchingNetwork(steps=2, seed=0).meta_train(x, y, ways=5, shots=5, queries=2, episodes=20, seed=0)
+    kw = dict(steps=2, seed=0, ways=5, meta_shots=5, meta_queries=2, episodes=20)
+    data = MetaTrainData(torch.from_numpy(x), y, np.arange(len(y)))
+    again = MatchingNetwork(**kw).meta_train(data, seed=0)
+    first = MatchingNetwork(**kw).meta_train(data, seed=0)
     np.testing.assert_array_equal(again.loss_history_, first.loss_history_)
+    # training on a subset of the rows equals training on those rows alone
+    rows = np.flatnonzero(y < 6)
+    sub = MatchingNetwork(**kw).meta_train(MetaTrainData(torch.from_numpy(x), y, rows), seed=0)
+    alone = MatchingNetwork(**kw).meta_train(MetaTrainData(torch.from_numpy(x[rows]), y[rows], np.arange(rows.size)),
+                                             seed=0)
+    np.testing.assert_array_equal(sub.loss_history_, alone.loss_history_)
 
 
 def test_episodes_follow_the_spec():
@@ -150,7 +158,7 @@ def test_episodes_follow_the_spec():
             assert q_rows[pos] not in rows  # the query is excluded from the support
         assert np.all(np.diff(s_cls) >= 0)  # grouped by class in the episode order
     with pytest.raises(ValueError, match="fewer than 2 rows"):
-        MatchingNetwork().meta_train(x[:13], y[:13], episodes=1)
+        MatchingNetwork(episodes=1).meta_train(MetaTrainData(torch.from_numpy(x[:13]), y[:13], np.arange(13)))
 
 
 def test_lowshot_support_layout():

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import (average_precision_score, f1_score, roc_auc_score, roc_curve,
-                             top_k_accuracy_score)
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve, top_k_accuracy_score
 
 from bench import metrics as M
 from bench.report import mean_ci95

@@ -63,7 +63,8 @@ def test_plain_zarr_reads_the_store_without_featstore(tmp_path):
     code = textwrap.dedent(f"""
         import json, numpy as np, zarr
         g = zarr.open_group({str(store.path)!r}, mode="r")
-        print(json.dumps({{"shape": list(g["features"].shape), "sum": float(np.asarray(g["features"][:], dtype="f8").sum()),
+        total = float(np.asarray(g["features"][:], dtype="f8").sum())
+        print(json.dumps({{"shape": list(g["features"].shape), "sum": total,
                           "labels": int(g["labels"][:].sum()), "done": bool(g["done"][:].all()),
                           "id": str(g["ids"][5]), "version": g.attrs["featstore"]["format_version"]}}))
     """)
@@ -204,3 +205,84 @@ def test_concurrent_reader_during_write(tmp_path):
     assert proc.returncode == 0
     assert len(seen) >= 2  # the reader really saw the store grow
     assert FeatureStore.open(path).complete
+
+
+def make_maps_store(path, n=300, chunk_rows=64, shape=(4, 3, 3), done=None):
+    rng = np.random.default_rng(3)
+    maps = rng.standard_normal((n, *shape)).astype(np.float16)
+    store = FeatureStore.create(path, Layout(n=n, dim=8, chunk_rows=chunk_rows, maps_shape=shape), fingerprint=FP,
+                                classes=["c0"], labels=np.zeros(n, dtype=np.int64), ids=[f"s{i}" for i in range(n)])
+    for c in range(store.n_chunks) if done is None else done:
+        lo, hi = store.chunk_range(c)
+        store.write_chunk(c, np.zeros((hi - lo, 8), dtype=np.float16), maps=maps[lo:hi])
+    return store, maps
+
+
+def test_gather_maps_equals_a_full_read(tmp_path):
+    store, maps = make_maps_store(tmp_path / "m.zarr")
+    full = store.load_maps()
+    np.testing.assert_array_equal(full, maps.astype(np.float32))
+    rows = np.random.default_rng(0).permutation(300)[:90]       # across all chunks, in random order
+    rows = np.concatenate([rows, rows[:5]])                      # with repeats
+    got = store.gather_maps(rows)
+    assert got.shape == (95, 4, 3, 3) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, full[rows])
+    np.testing.assert_array_equal(store.load_maps(rows, dtype="float16"), maps[rows])
+    assert store.gather_maps(np.array([], dtype=np.int64)).shape == (0, 4, 3, 3)
+
+
+def test_gather_maps_reads_only_the_chunks_it_needs(tmp_path, monkeypatch):
+    store, maps = make_maps_store(tmp_path / "m.zarr")
+    arr = store._array("maps")
+    reads = []
+    cls = type(arr)
+    real = cls.__getitem__
+    monkeypatch.setattr(cls, "__getitem__",
+                        lambda self, key: (self is arr and reads.append(key)) or real(self, key))
+    np.testing.assert_array_equal(store.gather_maps([130, 5, 129]), maps[[130, 5, 129]].astype(np.float32))
+    block = arr.chunks[0]
+    assert len(reads) == len({130 // block, 5 // block})
+    assert all(k.stop - k.start <= block for k in (key[0] if isinstance(key, tuple) else key for key in reads))
+
+
+def test_maps_of_undone_chunks_are_refused(tmp_path):
+    store, maps = make_maps_store(tmp_path / "m.zarr", done=[0, 2])   # chunk 1 (rows 64..127) not written
+    np.testing.assert_array_equal(store.gather_maps([0, 140]), maps[[0, 140]].astype(np.float32))
+    with pytest.raises(UserError, match=r"row 70 .* chunk 1.*extract --maps") as info:
+        store.gather_maps([0, 70])
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match=r"chunk 1 is not done.*extract --maps"):
+        store.load_maps()
+    with pytest.raises(UserError, match="chunk 1"):
+        store.load_maps(np.array([100]))
+    assert store.gather_maps([70], require_done=False).shape == (1, 4, 3, 3)
+
+
+def test_a_store_without_maps_names_extract_maps(tmp_path):
+    store, _, _ = make_store(tmp_path / "s.zarr", n=50)
+    for call in (lambda: store.gather_maps([0]), store.load_maps, lambda: store.load_maps([1])):
+        with pytest.raises(UserError, match="has no maps.*extract --maps") as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_busy_writer_lock_is_its_own_error_class(tmp_path):
+    from featstore.errors import StoreLockedError
+
+    store, _, _ = make_store(tmp_path / "s.zarr", n=50)   # holds the writer lock
+    other = FeatureStore.open(store.path)
+    with pytest.raises(StoreLockedError, match="being written by another process"):
+        other.acquire_lock()
+    store.close()
+    other.acquire_lock()
+    other.close()
+
+
+def test_unknown_rule_field_is_its_own_error_class(tmp_path):
+    from featstore.errors import UnknownFieldError
+    from featstore.rules import rule_mask
+
+    store, _, _ = make_store(tmp_path / "s.zarr", n=50, meta={"drawer": np.arange(50) % 20})
+    with pytest.raises(UnknownFieldError, match=r"no per-sample field 'colour'.*\(it has: class, drawer\)"):
+        rule_mask(store, "colour<3")
+    assert rule_mask(store, "drawer<=4").sum() == 15

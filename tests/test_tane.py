@@ -5,16 +5,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from types import SimpleNamespace
-
 from heads._negproto_common import (
     CrossAttention,
-    _with_open_support,
     class_means,
     reciprocal_unit_loss,
     sample_episodes,
 )
-from heads.base import HEADS, NotFittedError, create_head
+from heads.base import HEADS, MetaTrainData, NotFittedError, create_head
 from heads.tane import TANEHead
 
 D, N_BASE = 16, 20
@@ -50,13 +47,18 @@ def store():
     return x, y, train, val, test, w
 
 
-TRAIN_KW = dict(ways=3, shots=1, queries=5, open_ways=3, episodes_per_epoch=40, val_episodes=40)
+SHAPE = dict(ways=3, shots=1, queries=5, open_ways=3)  # the episode shape a protocol passes in the data
+SCHEDULE = dict(episodes_per_epoch=40, val_episodes=40)  # constructor hyper-parameters
+
+
+def meta_data(x, y, train, val, w, **extra):
+    return MetaTrainData(x, y, train, val, base_weights=w, **SHAPE, **extra)
 
 
 @pytest.fixture(scope="module")
 def trained(store):
     x, y, train, val, _, w = store
-    return TANEHead(D, N_BASE, seed=0).meta_train(x, y, train, val, w, epochs=6, **TRAIN_KW)
+    return TANEHead(D, N_BASE, seed=0, epochs=6, **SCHEDULE).meta_train(meta_data(x, y, train, val, w))
 
 
 def base_batch(y, train, count=4, seed=3, ways=3, open_ways=3):
@@ -172,27 +174,12 @@ def test_key_mask_maps_store_class_ids():
         head._key_mask(torch.tensor([[10, 11, 12, 13]]), 1)
 
 
-def test_open_support_batches_become_n_plus_m_way():
-    # the layout of featstore's EpisodeSampler(open_shots=1): open supports and open queries class-major
-    batch = SimpleNamespace(
-        support=torch.tensor([[0, 1]]), support_labels=torch.tensor([[0, 1]]),
-        query=torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]),
-        query_labels=torch.tensor([[0, 0, 1, 1, -1, -1, -1, -1, -1, -1]]),
-        classes=torch.tensor([[5, 6]]), open_classes=torch.tensor([[7, 8, 9]]),
-        open_support=torch.tensor([[20, 21, 22]]),
-    )  # fmt: skip
-    out = _with_open_support(batch)
-    assert out.support.tolist() == [[0, 1, 20, 21, 22]] and out.support_labels.tolist() == [[0, 1, 2, 3, 4]]
-    assert out.query_labels.tolist() == [[0, 0, 1, 1, 2, 2, 3, 3, 4, 4]]
-    assert out.classes.tolist() == [[5, 6, 7, 8, 9]]
-
-
 @pytest.mark.parametrize("kind", ["attg", "semang", "att", "mlp"])
 def test_shapes_batched_and_unbatched(store, kind):
     x, y, train, _, test, w = store
-    head = TANEHead(D, N_BASE, neg_gen_type=kind, agg="mlp" if kind == "att" else "avg")
+    head = TANEHead(D, N_BASE, neg_gen_type=kind, agg="mlp" if kind == "att" else "avg", epochs=1, **SCHEDULE)
     if kind == "semang":  # no word vectors: the visual stand-in (normalised base-class means)
-        head.meta_train(x, y, train, None, w, epochs=1, **TRAIN_KW)
+        head.meta_train(meta_data(x, y, train, None, w))
     else:
         head.set_base_memory(w)
     ep = sample_episodes(y, test, ways=5, shots=2, queries=3, open_ways=5, seed=1, count=4)
@@ -211,8 +198,8 @@ def test_shapes_batched_and_unbatched(store, kind):
 def test_semang_with_word_vectors(store):
     x, y, train, val, test, w = store
     sem = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
-    head = TANEHead(D, N_BASE, neg_gen_type="semang", semantic_dim=6, base_seman_calib=True)
-    head.meta_train(x, y, train, val, w, epochs=1, class_semantics=sem, **TRAIN_KW)
+    head = TANEHead(D, N_BASE, neg_gen_type="semang", semantic_dim=6, base_seman_calib=True, epochs=1, **SCHEDULE)
+    head.meta_train(meta_data(x, y, train, val, w, class_semantics=sem))
     ep = sample_episodes(y, test, ways=5, shots=1, queries=3, open_ways=5, seed=1, count=2)
     head.fit(x[ep.support], ep.support_labels, support_semantics=sem[ep.classes])
     assert head.open_score(x[ep.query]).shape == (2, 30)
@@ -237,12 +224,12 @@ def test_open_score_separates_unknowns_after_meta_training(store, trained):
 def test_meta_train_with_support_views(store):
     x, y, train, val, test, w = store
     views = x.unsqueeze(0) + 0.05 * torch.randn(3, *x.shape, generator=torch.Generator().manual_seed(0))
-    kw = dict(epochs=1, **TRAIN_KW)
-    a = TANEHead(D, N_BASE).meta_train(x, y, train, val, w, support_views=views, **kw)
-    b = TANEHead(D, N_BASE).meta_train(x, y, train, val, w, **kw)
+    kw = dict(epochs=1, **SCHEDULE)
+    a = TANEHead(D, N_BASE, **kw).meta_train(meta_data(x, y, train, val, w, support_views=views))
+    b = TANEHead(D, N_BASE, **kw).meta_train(meta_data(x, y, train, val, w))
     assert not torch.allclose(a.calib_attn.w_q.weight, b.calib_attn.w_q.weight)
     with pytest.raises(ValueError, match="support_views"):
-        TANEHead(D, N_BASE).meta_train(x, y, train, val, w, support_views=views[:, :10], **kw)
+        TANEHead(D, N_BASE, **kw).meta_train(meta_data(x, y, train, val, w, support_views=views[:, :10]))
 
 
 def test_unfitted_use_raises(store):
@@ -261,7 +248,7 @@ def test_same_seed_same_numbers(store):
     x, y, train, val, test, w = store
 
     def run(seed):
-        h = TANEHead(D, N_BASE, seed=seed).meta_train(x, y, train, val, w, epochs=2, **TRAIN_KW)
+        h = TANEHead(D, N_BASE, seed=seed, epochs=2, **SCHEDULE).meta_train(meta_data(x, y, train, val, w))
         ep = sample_episodes(y, test, ways=5, shots=1, queries=3, open_ways=5, seed=2, count=3)
         return h.fit(x[ep.support], ep.support_labels).open_score(x[ep.query])
 

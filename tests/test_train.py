@@ -16,9 +16,21 @@ from torch import nn
 
 from extract import backbones as bb
 from extract import datasets as ds
-from extract.train import (BatchAugment, TrainConfig, finetune, holdout, lr_at, param_groups, rank_batches,
-                           resolve_augment, resolve_base_classes, set_bn_mode, set_trainable_stages, train,
-                           write_finetuned)
+from extract.train import (
+    BatchAugment,
+    TrainConfig,
+    finetune,
+    holdout,
+    lr_at,
+    param_groups,
+    rank_batches,
+    resolve_augment,
+    resolve_base_classes,
+    set_bn_mode,
+    set_trainable_stages,
+    train,
+    write_finetuned,
+)
 from featstore.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,7 +362,8 @@ def test_finetune_and_write_finetuned(tmp_path):
             assert not torch.equal(before[key], after[key]), key
         elif key.endswith(("weight", "bias")):
             assert torch.equal(before[key], after[key]), key
-    # bn_train=True re-estimates the statistics of every stage, frozen ones included (fsor.md 7.1)
+    # bn_train=True re-estimates the statistics of every stage, frozen ones included (as TANE's and DNPG's
+    # fine-tuning does)
     assert not torch.equal(before["layer1.1.running_mean"], after["layer1.1.running_mean"])
     assert not torch.equal(head_before, head.weight)
     assert all(p.requires_grad for p in model.parameters())  # flags restored
@@ -379,3 +392,23 @@ def test_finetune_and_write_finetuned(tmp_path):
     assert set(info["classifier"]) == {"weight", "bias"} and info["classes"] == ["a", "b", "c"]
     with pytest.raises(UserError, match="re-iterable"):
         finetune(model, head, iter(batches), tune_part=1, backbone_lr=0.01, head_lr=0.1, epochs=2)
+
+
+def test_command_line_spellings():
+    """--wd is --weight-decay; --threads reaches TrainConfig; -q is --quiet."""
+    from extract.train import train_command
+
+    base = ["--model", "conv4", "--out", "run"]
+    ctx = train_command.make_context("train", [*base, "--wd", "0.5", "--threads", "2", "-q"])
+    assert ctx.params["weight_decay"] == 0.5 and ctx.params["threads"] == 2 and ctx.params["quiet"]
+    ctx = train_command.make_context("train", [*base, "--weight-decay", "0.25"])
+    assert ctx.params["weight_decay"] == 0.25 and ctx.params["threads"] is None
+
+
+def test_bad_threads_and_device_are_refused_before_anything_runs(tmp_path):
+    cfg = TrainConfig(model="conv4", out=str(tmp_path / "run"), threads=0)
+    with pytest.raises(UserError, match="--threads must be at least 1"):
+        train(cfg)
+    with pytest.raises(UserError, match="--device must be cpu, cuda or cuda:N"):
+        train(replace(cfg, threads=None, device="tpu"))
+    assert not (tmp_path / "run").exists()

@@ -14,7 +14,6 @@ within 20. The original files are read verbatim; missing ones are generated and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from bench.head_cache import sha256_json
 from featstore.atomic import write_atomic
+from featstore.checkpoint import sha256_file
 from featstore.errors import UserError
 from featstore.rules import rule_mask
 
@@ -33,14 +33,10 @@ SPLITFILES_FORMAT = "featstore.lowshot.splitfiles/1"
 SPLITFILE_NAME = "splitfile_{:d}.json"
 
 
-def file_sha256(path: Path) -> str:
-    from featstore.hdf5io import file_sha256 as sha  # here: featstore.store would put zarr into every CLI start
-
-    return sha(path)
-
-
 def sha256_rows(rows: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(rows, dtype="<i8").tobytes()).hexdigest()
+    from featstore.store import rows_sha256  # here: featstore.store would put zarr into every CLI start
+
+    return rows_sha256(rows)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -181,7 +177,7 @@ def resolve_classes(cfg: Any, store, train_rows: np.ndarray, seed: int) -> Class
                                 f"has {C} classes)")
             lists[key] = sorted(int(v) for v in vals)
         setup = ClassSetup(lists["base_classes_1"], lists["base_classes_2"], lists["novel_classes_1"],
-                           lists["novel_classes_2"], {"source": "label_idx", "sha256": file_sha256(path)})
+                           lists["novel_classes_2"], {"source": "label_idx", "sha256": sha256_file(path)})
     elif cfg.base_classes or cfg.novel_classes:
         base = _classes_of(store, cfg.base_classes, labels, "--base-classes") if cfg.base_classes else None
         novel = _classes_of(store, cfg.novel_classes, labels, "--novel-classes") if cfg.novel_classes else None
@@ -450,7 +446,7 @@ def load_or_make_splitfiles(store, train_rows: np.ndarray, test_rows: np.ndarray
     for e, s in new.items():
         path = files[e - 1]
         write_atomic(path, json.dumps([row.tolist() for row in result[e - 1]], separators=(",", ":")))
-        records[str(e)] = {"seed": s, "sha256": file_sha256(path)}
+        records[str(e)] = {"seed": s, "sha256": sha256_file(path)}
         wrote.append(path.name)
     if wrote:
         ours = True
@@ -461,7 +457,7 @@ def load_or_make_splitfiles(store, train_rows: np.ndarray, test_rows: np.ndarray
                           "training set for n is the first n of each novel row"}
         write_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
     info = {"dir": str(directory), "generated_now": wrote, "kind": "featstore" if ours else "external (verbatim)",
-            "files": {p.name: file_sha256(p) for p in files}}
+            "files": {p.name: sha256_file(p) for p in files}}
     return result, info
 
 

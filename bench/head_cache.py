@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -43,16 +44,44 @@ class HeadCache:
     def _name(stem: str, key: str) -> str:
         return f"{stem}-{key[:24]}"
 
-    def load(self, stem: str, key: str) -> tuple[bytes, str] | None:
-        """(bytes, where) of a cached entry, or None."""
+    def load(self, stem: str, key: str, decode: Callable[[bytes], Any]) -> tuple[Any, str] | None:
+        """(``decode(bytes)``, where) of a cached entry, or None when there is none or it cannot be read.
+
+        An entry that does not read back (missing or corrupt chunks, a checksum mismatch, bytes ``decode`` refuses:
+        a pickle ``weights_only`` will not load, another network's weights) is never trusted: one line goes to
+        :attr:`notes` and the caller trains again, and its save replaces the entry."""
         name = self._name(stem, key)
-        found = self.store.read_blob("cache", name)
+        where = f"store {self.store.path} node cache/{name}"
+        try:
+            found = self.store.read_blob("cache", name)
+        except UserError as exc:
+            self._unreadable(stem, where, exc)
+            found = None
         if found is not None and found[1].get("key") == key:
-            return found[0].tobytes(), f"store {self.store.path} node cache/{name}"
+            try:
+                return decode(found[0].tobytes()), where
+            except Exception as exc:  # noqa: BLE001 - torch.load, np.load and load_state_dict raise many types
+                self._unreadable(stem, where, exc)
         path = self.folder / name
         if path.is_file():
-            return path.read_bytes(), str(path)
+            try:
+                return decode(path.read_bytes()), str(path)
+            except Exception as exc:  # noqa: BLE001
+                self._unreadable(stem, str(path), exc)
         return None
+
+    def _unreadable(self, stem: str, where: str, exc: BaseException) -> None:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        prefix = f"store {self.store.path}: "
+        if isinstance(exc, UserError):
+            reason = reason.removeprefix(prefix).split("; featstore verify")[0]
+        else:   # torch.load and np.load explain at length: their first sentence says what failed
+            reason = reason.split(". ")[0]
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        note = f"{stem}: the cached entry in {where} cannot be read ({reason}); trained again, and the new one " \
+               f"replaces it"
+        self.notes.append(note)
+        print(f"bench: warning: {note}", file=sys.stderr)   # damage is said even under --quiet
 
     def save(self, stem: str, key: str, data: bytes, describe: dict) -> str:
         """Keep ``data``; returns where it went."""

@@ -82,10 +82,13 @@ class AnalogyLogRegMethod(LogRegMethod):
                             base_classes=[int(c) for c in base_classes], rows=int(len(labels_np)),
                             inputs=AnalogyGenerator.input_digest(store_features, labels_np), classifier=classifier)
         cache = ctx.cache if ctx is not None else None
-        hit = cache.load("analogy-generator", key) if cache is not None else None
+        def decode(raw: bytes):
+            with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+                return AnalogyGenerator.from_arrays(dict(data), device=self.device)
+
+        hit = cache.load("analogy-generator", key, decode) if cache is not None else None
         if hit is not None:
-            with np.load(io.BytesIO(hit[0])) as data:
-                self.generator = AnalogyGenerator.from_arrays(dict(data), device=self.device)
+            self.generator = hit[0]
             self.generator_info = {"cache": hit[1], "loaded": True, "classifier": classifier,
                                    "variant": gen.variant}
             return

@@ -55,12 +55,16 @@ class MatchingMethod(LowShotMethod):
                            "inputs": AnalogyGenerator.input_digest(store_features, labels),
                            "base_classes": [int(c) for c in base_classes]})
         cache = ctx.cache if ctx is not None else None
-        hit = cache.load("matching-network", key) if cache is not None else None
         d = int(store_features.shape[1])
-        if hit is not None:
+
+        def decode(raw: bytes):
             net = MatchingNet(d, o["steps"], o["fce"])
-            net.load_state_dict(torch.load(io.BytesIO(hit[0]), map_location="cpu", weights_only=True))
-            mn.feat_dim, mn.net_ = d, net.to(self.device).eval()
+            net.load_state_dict(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
+            return net
+
+        hit = cache.load("matching-network", key, decode) if cache is not None else None
+        if hit is not None:
+            mn.feat_dim, mn.net_ = d, hit[0].to(self.device).eval()
             self.info = {"cache": hit[1], "loaded": True, "lr_steps": list(mn.lr_steps)}
         else:
             y = np.asarray(labels).reshape(-1).astype(np.int64)

@@ -55,13 +55,54 @@ def _store_features(args: PerfArgs, n: int, d: int) -> tuple[np.ndarray, str]:
     return x, f"synthetic ReLU-like float16 features (seed {args.seed})"
 
 
-def _build_store(path: Path, x: np.ndarray, compression: str, chunk_rows: int = 4096):
+def _build_store(path: Path, x: np.ndarray, compression: str, chunk_rows: int = 4096, checksum: bool = True):
     from featstore.store import Layout, write_store
 
     n, d = x.shape
     layout = Layout(n=n, dim=d, dtype="float16", chunk_rows=chunk_rows, compression=compression)
     return write_store(path, layout, x, fingerprint={"bench": "perf", "rows": n, "dim": d},
-                       classes=["synthetic"], labels=np.zeros(n, dtype=np.int64))
+                       classes=["synthetic"], labels=np.zeros(n, dtype=np.int64), checksum=checksum)
+
+
+def _checksum_rows(S: str, tmp: Path, x: np.ndarray, store, gather_rows: np.ndarray, repeats: int,
+                   q: bool) -> list[dict]:
+    """What the crc32c of every chunk costs: the default store (checksums) against one written without them.
+
+    A full scan checks every chunk it reads; a gather checks each chunk once per open store, when it first maps
+    it (later gathers reuse the checked map), so it is timed both on a freshly opened store and warm."""
+    from featstore.store import FeatureStore
+
+    log("store: checksum cost")
+    t0 = time.perf_counter()
+    plain = _build_store(tmp / "nocrc.zarr", x, "none", checksum=False)
+    t_plain_write = time.perf_counter() - t0
+    if plain.has_checksums or not store.has_checksums:
+        raise RuntimeError("the checksum comparison needs one store with crc32c and one without")
+    plain.load_features(dtype="float16")   # warm the page cache
+    rows = []
+    tf = timer_interleaved({"crc": lambda: store.load_features(dtype="float16"),
+                            "plain": lambda: plain.load_features(dtype="float16")}, repeats=repeats, warmup=1)
+    rows.append(make_row(S, "full scan with crc32c (the default) against without", tf["crc"].best,
+                         reference=tf["plain"].best, reference_name="store without checksums",
+                         ratio=tf["crc"].best / tf["plain"].best, ratio_is="crc32c / none (cost)", quick=q,
+                         note="context: every chunk's checksum is verified on every full scan"))
+    tg = timer_interleaved({"crc": lambda: store.gather(gather_rows, dtype="float16"),
+                            "plain": lambda: plain.gather(gather_rows, dtype="float16")}, repeats=repeats, warmup=1)
+    rows.append(make_row(S, f"gather {len(gather_rows):,} rows, warm store, with crc32c against without",
+                         tg["crc"].best, reference=tg["plain"].best, reference_name="store without checksums",
+                         ratio=tg["crc"].best / tg["plain"].best, ratio_is="crc32c / none (cost)", quick=q,
+                         note="context: chunks checked once per open store, maps reused"))
+    crc_path, plain_path = store.path, plain.path
+    tc = timer_interleaved({"crc": lambda: FeatureStore.open(crc_path).gather(gather_rows, dtype="float16"),
+                            "plain": lambda: FeatureStore.open(plain_path).gather(gather_rows, dtype="float16")},
+                           repeats=repeats, warmup=1)
+    rows.append(make_row(S, f"open + first gather of {len(gather_rows):,} rows, with crc32c against without",
+                         tc["crc"].best, reference=tc["plain"].best, reference_name="store without checksums",
+                         ratio=tc["crc"].best / tc["plain"].best, ratio_is="crc32c / none (cost)", quick=q,
+                         note="context: every chunk touched is checked when first mapped"))
+    rows.append(make_row(S, "write store without checksums", t_plain_write, quick=q,
+                         note="context: one run; compare the uncompressed write above (with crc32c)"))
+    return rows
 
 
 @section("store")
@@ -137,6 +178,8 @@ def store_section(args: PerfArgs) -> list[dict]:
         rows.append(make_row(S, f"gather {n_gather:,} random rows: plain zarr orthogonal selection",
                              tg["zarr"].best, reference=ref, reference_name="memmap[rows]",
                              ratio=ref / tg["zarr"].best, ratio_is="memmap / zarr", quick=q, note="context"))
+
+        rows += _checksum_rows(S, tmp, x, store, gather_rows, repeats, q)
 
         size_none = _du(tmp / "none.zarr")
         for comp in args.compression:

@@ -10,8 +10,11 @@ import click
 import numpy as np
 
 from featstore.cli_support import main_entry
-from featstore.errors import UserError
+from featstore.errors import CorruptStoreError, UserError
 from featstore.store import FeatureStore
+
+#: seconds a node writer (index, split) waits for another writer of the store before it refuses
+NODE_LOCK_WAIT = 2.0
 
 
 def _progress_enabled(ctx: click.Context, quiet: bool = False) -> bool:
@@ -81,6 +84,7 @@ def info(store: str, as_json: bool) -> None:
                         f"{data['chunk_rows']} rows per chunk, compression {data['compression']})"),
         ("classes", f"{len(classes)}: {shown_classes}" if classes else "0"),
         ("splits", ", ".join(f"{k} ({v} rows)" for k, v in data["splits"].items()) or "none"),
+        ("checksums", "crc32c per chunk" if data["checksums"] else "none (written before featstore added them)"),
     ]
     if st.class_splits:
         lines.append(("class splits", ", ".join(f"{k} ({len(v)} classes)" for k, v in st.class_splits.items())))
@@ -121,18 +125,25 @@ def info(store: str, as_json: bool) -> None:
 @click.argument("store", type=click.Path())
 @click.option("--no-values", is_flag=True, help="Skip the scan for non-finite feature values.")
 def verify(store: str, no_values: bool) -> None:
-    """Check a store: "ok" (exit 0) or one problem per line (exit 1)."""
-    from featstore.index import index_attrs, stale_reason
+    """Check a store: "ok" (exit 0) or one problem per line (exit 1).
 
-    st = FeatureStore.open(store)
+    Lists what is damaged (metadata that does not parse, done chunks missing, truncated or failing their crc32c,
+    unreadable splits, indexes and caches) rather than stopping at the first. A path that is not a store at all is
+    a usage error (exit 2)."""
+    try:
+        st = FeatureStore.open(store, check_metadata=False)
+    except CorruptStoreError as exc:
+        click.echo(exc)
+        sys.exit(1)
     problems = st.verify(check_values=not no_values)
-    for name in st.index_names():
-        reason = stale_reason(st, index_attrs(st, name).get("built_from", {}))
-        if reason and not any(f"index {name!r}" in p for p in problems):
-            problems.append(f"index {name!r} is stale ({reason}); rebuild with featstore index {st.path} "
-                            f"--name {name}")
     if not problems:
-        click.echo("ok")
+        try:
+            checked = st.has_checksums
+        except UserError:
+            checked = False
+        click.echo("ok" if checked else "ok (this store has no chunk checksums: it was written before featstore "
+                                        "added them, so missing and truncated chunks are detected but changed "
+                                        "bytes are not; re-create it to add them)")
         return
     for problem in problems:
         click.echo(problem)
@@ -175,7 +186,7 @@ def index(store: str, kind: str, metric: str, normalize: bool | None, nlist: int
     t0 = time.perf_counter()
     built = build_index(st, kind=kind, metric=metric, normalize=normalize, split=split, done_only=done_only,
                         **params)
-    save_index(st, built, name)
+    save_index(st, built, name, wait=NODE_LOCK_WAIT)
     click.echo(f"index {name!r}: {kind}, {metric}{' (cosine)' if built.normalized and metric == 'ip' else ''}, "
                f"{built.ntotal} rows x {built.dim}, built in {time.perf_counter() - t0:.2f} s")
 
@@ -320,7 +331,7 @@ def split(store: str, name: str, within: tuple[str, ...], rule: str | None, excl
         rows = np.flatnonzero(mask)
         if len(rows) == 0:
             raise UserError(f"split {name!r} would be empty: no row of {st.path} passes the selection")
-        st.add_split(name, rows, overwrite=overwrite)
+        st.add_split(name, rows, overwrite=overwrite, wait=NODE_LOCK_WAIT)
         n_classes = len(np.unique(st.labels[rows]))
     finally:
         st.close()

@@ -8,6 +8,8 @@ A caller that must react to one kind of error (wait for a busy store, fall back 
 catches its subclass rather than matching the message text:
 
 - :class:`StoreLockedError` -- another process holds a store's writer lock;
+- :class:`ReadOnlyStoreError` -- the store cannot be written here (read-only mount or permissions);
+- :class:`CorruptStoreError` -- a store file is missing, truncated, fails its checksum or does not parse;
 - :class:`IncompleteStoreError` -- rows asked for lie in chunks that are not done yet;
 - :class:`MissingArrayError` -- a store lacks an optional array (maps, views) the request needs;
 - :class:`UnknownFieldError` -- a selection rule names a per-sample field the data does not have;
@@ -23,6 +25,15 @@ class UserError(Exception):
 
 class StoreLockedError(UserError):
     """Another process is writing the store (it holds the advisory writer lock)."""
+
+
+class ReadOnlyStoreError(UserError):
+    """The store (or its folder) cannot be written by this process: a read-only mount, or no write permission."""
+
+
+class CorruptStoreError(UserError):
+    """A file of the store is damaged: a done chunk missing or truncated, a checksum mismatch, unparsable
+    metadata. Reads refuse it rather than return fill values; ``featstore verify`` lists every such file."""
 
 
 class IncompleteStoreError(UserError):

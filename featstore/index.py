@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from featstore.errors import StoreLockedError, UserError
+from featstore.errors import ReadOnlyStoreError, StoreLockedError, UserError
 from featstore.runtime import use_all_threads
 from featstore.store import FeatureStore, index_rows, rows_sha256, stale_reason
 
@@ -255,8 +255,11 @@ def _recorded_params(index, kind: str, given: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- saving and loading
-def save_index(store_path: FeatureStore | str | os.PathLike, index: FeatureIndex, name: str = "default") -> None:
-    """Store ``index`` as node ``index/<name>`` of the store, atomically, under the store's writer lock."""
+def save_index(store_path: FeatureStore | str | os.PathLike, index: FeatureIndex, name: str = "default", *,
+               wait: float = 0.0) -> None:
+    """Store ``index`` as node ``index/<name>`` of the store, atomically, under the store's writer lock (waiting
+    up to ``wait`` seconds for another writer: StoreLockedError after that; ReadOnlyStoreError when the store
+    cannot be written)."""
     faiss = _faiss()
     store, opened = _open(store_path)
     if not name or "/" in name or name.startswith("."):
@@ -277,7 +280,7 @@ def save_index(store_path: FeatureStore | str | os.PathLike, index: FeatureIndex
              "faiss_version": faiss.__version__}
 
     try:
-        store.write_blob("index", name, blob, attrs)
+        store.write_blob("index", name, blob, attrs, wait=wait)
     finally:
         if opened:
             store.close()
@@ -331,7 +334,8 @@ def get_index(store_path: FeatureStore | str | os.PathLike, name: str = "default
 
     A stale index is rebuilt with its recorded kind, metric, normalisation, parameters and split. With
     ``rebuild=False`` a missing or stale index is a UserError naming the fix. A rebuilt index that cannot be
-    saved because another process holds the store's writer lock is returned unsaved (with a note on stderr).
+    saved because another process holds the store's writer lock, or because the store is read-only here, is
+    returned unsaved (with a note on stderr).
     """
     if kind is not None or metric is not None:
         _check_kind_metric(kind or "flat", metric or "ip")
@@ -368,7 +372,7 @@ def get_index(store_path: FeatureStore | str | os.PathLike, name: str = "default
         built = build_index(store, **spec)
         try:
             save_index(store, built, name)
-        except StoreLockedError as exc:
+        except (StoreLockedError, ReadOnlyStoreError) as exc:
             print(f"featstore: note: index {name!r} rebuilt in memory but not saved ({exc})", file=sys.stderr)
         return built
     finally:

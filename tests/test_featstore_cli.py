@@ -67,7 +67,7 @@ def test_info_text_and_json(store):
     res = run("info", path)
     assert res.returncode == 0, res.stderr
     for text in ("rows:", "300", "dim:", "16", "float32", "3/3", "cat, dog, fox, owl", "base (150 rows)",
-                 "resnet10", "ab" * 32, "resize", "toy", "zarr"):
+                 "resnet10", "ab" * 32, "resize", "toy", "zarr", "crc32c per chunk"):
         assert text in res.stdout, text
     res = run("info", path, "--json")
     data = json.loads(res.stdout)

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from featstore.errors import UserError
+from featstore.errors import StoreLockedError, UserError
 from featstore.index import (
     FeatureIndex,
     build_faiss,
@@ -158,7 +158,14 @@ def test_save_load_round_trip(tmp_path, kind):
     save_index(path, build_index(path, kind="flat", metric="ip"), name="main")
     assert load_index(path, "main").kind == "flat"
     assert sorted(p.name for p in (tmp_path / "s.zarr" / "index").iterdir()) == ["main", "zarr.json"]
-    assert (tmp_path / "s.zarr" / ".featstore.lock").is_file()  # saving took the writer lock
+    assert not (tmp_path / "s.zarr" / ".featstore.lock").exists()  # the lock lives on zarr.json: no foreign file
+    holder = FeatureStore.open(path)
+    holder.acquire_lock()
+    try:   # saving takes the writer lock
+        with pytest.raises(StoreLockedError, match="being written by another process"):
+            save_index(path, build_index(path, kind="flat", metric="ip"), name="main")
+    finally:
+        holder.release_lock()
 
 
 def test_missing_index(tmp_path):

@@ -10,10 +10,28 @@ When the store has cached views, each support image is the mean of ``views_per_s
 chosen from the episode's random stream (the papers' 5 augmented support views); queries use the clean features.
 
 Per episode and head: closed accuracy (argmax over the N known columns, on the known queries), AUROC (the head's
-open score, unknown positive), OSCR, AUPR-out, FPR@95TPR, and two F1 scores of the (N+1)-way decision:
-``f1_macro`` (standard macro-F1 over all N + 1 labels) and ``f1_paper`` (the TANE / DNPG code's F1, a macro
-average over the labels that occur in the predictions only; see :mod:`bench.metrics`). Every figure is the mean
-over episodes with a Student-t 95% CI, in percent.
+open score, unknown positive), OSCR (by its definition, Dhamija et al. 2018: ARPL's evaluation code gives about
+0.2 points less, see :mod:`bench.metrics`), AUPR-out, FPR@95TPR (``fpr95tpr``: the fraction of unknowns accepted
+as known at the threshold that accepts 95% of the knowns, the OOD literature's convention; lower is better), and
+two F1 scores of the (N+1)-way decision: ``f1_macro`` (standard macro-F1 over all N + 1 labels) and ``f1_paper``
+(the TANE / DNPG code's F1, a macro average over the labels that occur in the predictions only; see
+:mod:`bench.metrics`). Every figure is the mean over episodes with a Student-t 95% CI, in percent. An episode
+whose open scores (or logits) are not all finite, or that lacks what a metric needs, gets NaN for the metrics
+that use them and is left out of their means: each metric records the episodes it averaged, and the notes say
+how many were left out.
+
+Class sets must be disjoint: the test split's classes against the meta-training split's (when a head is
+meta-trained), against the backbone's training classes (``provenance["checkpoint_classes"]`` of the store, where
+extraction recorded them) and against the validation split's (when thresholds or model selection use it); an
+overlap is refused in one line naming the classes unless ``allow_overlap`` (``--allow-overlap``), which is then
+recorded in the config and the notes. ``--val-split`` equal to ``--split`` is always refused (the threshold would
+be fitted on the test episodes themselves).
+
+Test classes without a split: ``split`` None (no ``--split``) takes the store's split ``test``; a store without
+one is tested on every row of the classes its backbone was not trained on (``provenance["checkpoint_classes"]``,
+matched by name), less the classes of the meta-training and validation splits where this run uses them, so the
+default test set is disjoint from all three by construction; the first line of the output and a note
+name them. A store that records neither is refused in one line naming ``--split`` and ``featstore split``.
 
 ``--open-ways 0`` runs plain N-way K-shot episodes (no unknown class): closed accuracy with its 95% CI only; no
 open metric, threshold or ROC curve exists for them.
@@ -33,7 +51,7 @@ Heads come from the head registry (:mod:`heads.base`): ``--head NAME`` (repeatab
 NAME.KEY=VALUE`` (constructor hyper-parameters, e.g. ``--head protonet --head-option protonet.metric=cosine``; a
 bare ``KEY=VALUE`` goes to every head that takes KEY). The older spelling ``--head NAME:KEY=VALUE,...`` still
 works and labels its results with the whole spec, so one head can run twice with different settings
-(``--head protonet --head protonet:unknown_score=distance``). Constructor parameters ``device``, ``feat_dim`` (the
+(``--head protonet --head protonet:unknown_score=msp``). Constructor parameters ``device``, ``feat_dim`` (the
 store's dimension) and ``n_base_classes`` (classes of ``train_split``) are filled in where the head takes them and
 no option sets them. What a head declares decides what it is given (:func:`heads.base.check_needs` refuses, in
 one line, a head whose needs this protocol cannot meet, e.g. spatial maps).
@@ -79,6 +97,7 @@ from bench.kit import (
     parse_shots,
     parse_value,
     progress_bar,
+    refuse_overlap,
     resolve_device,
     thread_limits,
     user_errors,
@@ -98,11 +117,18 @@ from heads.base import (
     head_class,
 )
 
-METRIC_KEYS = ("acc", "auroc", "f1_macro", "f1_paper", "oscr", "aupr_out", "fpr95")
+METRIC_KEYS = ("acc", "auroc", "f1_macro", "f1_paper", "oscr", "aupr_out", "fpr95tpr")
 CLOSED_KEYS = ("acc",)
 METRIC_NAMES = {"acc": "closed accuracy (known queries)", "auroc": "AUROC (unknown positive)",
                 "f1_macro": "standard macro-F1 over N+1 labels", "f1_paper": "papers' F1 (macro over predicted "
-                "labels only)", "oscr": "OSCR", "aupr_out": "AUPR-out", "fpr95": "FPR@95TPR (lower is better)"}
+                "labels only)", "oscr": "OSCR (Dhamija et al. 2018, by its definition)", "aupr_out": "AUPR-out",
+                "fpr95tpr": "FPR@95TPR: unknowns accepted as known at the threshold that accepts 95% of the knowns "
+                "(lower is better)"}
+OSCR_NOTE = ("OSCR follows its definition (Dhamija et al., NeurIPS 2018). ARPL's evaluation code (compute_oscr, "
+             "github.com/iCGY96/ARPL) misses one operating point each time a known follows an unknown in the score "
+             "order and gives about 0.2 points less on 75 + 75-query episodes; CSSR's version of it "
+             "(github.com/xyzedd/CSSR) ends the curve at (1, 1) and gives about 0.1 points more: compare published "
+             "OSCR with that in mind")
 THRESHOLD_RULES = ("auto", "val", "median")
 CALIBRATION_EPISODES = 1000
 PROTOCOL = "bench fsor"
@@ -235,9 +261,20 @@ def _evaluate_batch(logits, scores, query_labels, ways, tau, rule, keys):
         "f1_paper": lambda: M.batched_paper_f1(open_pred, y, ways),
         "oscr": lambda: M.batched_oscr(scores, unknown, closed == y),
         "aupr_out": lambda: M.batched_aupr(scores, unknown),
-        "fpr95": lambda: M.batched_fpr_at_95tpr(scores, unknown),
+        "fpr95tpr": lambda: M.batched_fpr_at_95tpr(scores, unknown),
     }
-    return {k: fns[k]() for k in keys}
+    # an episode with a non-finite open score or logit has no ranking or decision to measure: NaN, left out of
+    # the means (and counted) rather than ranked wherever the sort puts a NaN
+    bad_logits = ~torch.isfinite(logits).flatten(1).all(-1)
+    bad_scores = ~torch.isfinite(scores).all(-1) | bad_logits
+    bad = {"acc": bad_logits, "f1_macro": bad_logits if rule == "argmax" else bad_scores}
+    bad["f1_paper"] = bad["f1_macro"]
+    out = {}
+    for k in keys:
+        value = fns[k]()
+        invalid = bad.get(k, bad_scores).to(value.device)
+        out[k] = torch.where(invalid, torch.full_like(value, float("nan")), value)
+    return out
 
 
 def _head_outputs(head, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,6 +383,94 @@ class EpisodeFeatures:
         return x[:s.numel()].reshape(*s.shape, d), x[s.numel():].reshape(*q.shape, d)
 
 
+# ---------------------------------------------------------------------------------------------------- class sets
+ALLOW_OVERLAP = "--allow-overlap"
+
+
+def refuse_or_note_overlap(a: Sequence[int], b: Sequence[int], what_a: str, what_b: str, names: Sequence[str],
+                           allow_overlap: bool, notes: list[str]) -> None:
+    """UserError naming the classes ``a`` and ``b`` share (and the flag that allows it); with ``allow_overlap`` the
+    same line goes into ``notes`` instead."""
+    if not allow_overlap:
+        refuse_overlap(a, b, what_a, what_b, names=names, allow_flag=ALLOW_OVERLAP)
+        return
+    try:
+        refuse_overlap(a, b, what_a, what_b, names=names)
+    except UserError as exc:
+        notes.append(f"{ALLOW_OVERLAP}: {exc}; these figures are not on unseen classes")
+
+
+def check_class_sets(store, rows: np.ndarray, *, split: str | None, train_split: str | None, val_split: str | None,
+                     allow_overlap: bool, notes: list[str]) -> None:
+    """Refuse test classes (those of ``rows``, split ``split``) that are also meta-training classes (``train_split``,
+    None when no head is meta-trained), the backbone's training classes (the store's
+    ``provenance["checkpoint_classes"]``, matched by name, where extraction recorded them) or validation classes
+    (``val_split``, None when nothing uses it); ``val_split == split`` is refused whatever ``allow_overlap``.
+    ``split`` None: the default test classes (:func:`unseen_test_rows`)."""
+    labels, names = store.labels, list(store.classes)
+    test = np.unique(labels[rows])
+    if val_split is not None and split is not None and val_split == split:
+        raise UserError(f"--val-split {val_split!r} is the test split: the F1 threshold and model selection would "
+                        f"be fitted on the test episodes themselves; give another --val-split, or --threshold median")
+    what = f"test split {split!r}" if split is not None else "the default test classes"
+    if train_split is not None:
+        refuse_or_note_overlap(test, np.unique(labels[store.split(train_split)]), what,
+                               f"meta-training split {train_split!r}", names, allow_overlap, notes)
+    seen = [str(c) for c in (store.provenance or {}).get("checkpoint_classes") or []]
+    if seen:
+        index = {name: k for k, name in enumerate(names)}
+        refuse_or_note_overlap(test, [index[c] for c in seen if c in index], what,
+                               "the backbone's training classes (provenance checkpoint_classes)", names,
+                               allow_overlap, notes)
+    if val_split is not None:
+        refuse_or_note_overlap(test, np.unique(labels[store.split(val_split)]), what,
+                               f"validation split {val_split!r}", names, allow_overlap, notes)
+
+
+DEFAULT_SPLIT = "test"
+UNSEEN = "the classes the backbone was not trained on (provenance checkpoint_classes)"  # the sampler's name
+
+
+def _class_names(classes: Sequence[int], names: Sequence[str], shown: int = 5) -> str:
+    more = f" and {len(classes) - shown} more" if len(classes) > shown else ""
+    return ", ".join(names[c] for c in classes[:shown]) + more
+
+
+def unseen_test_rows(store, leave_out: Sequence[tuple[str, str]] = ()) -> tuple[np.ndarray, list[int], str]:
+    """The test set of a store without a ``test`` split: ``(rows, classes, note)``, every row of the classes its
+    backbone was not trained on (``provenance["checkpoint_classes"]``, matched by class name), less the classes of
+    the splits in ``leave_out`` (``(what, split name)`` pairs: the meta-training and validation splits this run
+    uses); ``note`` says which. A one-line UserError naming ``--split`` and ``featstore split`` when the store
+    records no such classes, or none is left."""
+    recorded = [str(c) for c in (store.provenance or {}).get("checkpoint_classes") or []]
+    hint = (f"pass --split NAME, or make a test split with `featstore split {store.path} {DEFAULT_SPLIT} --rule ...` "
+            f"(or --of / --exclude)")
+    if not recorded:
+        raise UserError(f"store {store.path} has no split {DEFAULT_SPLIT!r} (it has: "
+                        f"{', '.join(store.split_names) or 'none'}) and records no classes its backbone was trained "
+                        f"on (provenance checkpoint_classes) to test on the others; {hint}")
+    names, labels = list(store.classes), store.labels
+    seen = set(recorded)
+    matched = len(seen & set(names))
+    test = [int(c) for c in np.unique(labels[labels >= 0]) if names[c] not in seen]
+    dropped = []
+    for what, name in leave_out:
+        other = set(np.unique(labels[store.split(name)]).tolist())
+        before = len(test)
+        test = [c for c in test if c not in other]
+        if len(test) < before:
+            dropped.append(f"the {before - len(test)} of {what} {name!r}")
+    if not test:
+        raise UserError(f"the backbone was trained on every class of store {store.path}"
+                        + (f" not in {' or '.join(dropped)}" if dropped else "")
+                        + f" (provenance checkpoint_classes); nothing is left to test on: {hint}")
+    note = (f"no --split and the store has no split {DEFAULT_SPLIT!r}: the test episodes are drawn from the "
+            f"{len(test)} classes the backbone was not trained on (provenance checkpoint_classes: {len(seen)} "
+            f"classes, {matched} of them in this store)" + (f", less {' and '.join(dropped)}" if dropped else "")
+            + f": {_class_names(test, names, shown=20)}")
+    return np.flatnonzero(np.isin(labels, test)), test, note
+
+
 # ---------------------------------------------------------------------------------------------------- driver
 def _fmt(mean: float, half: float) -> str:
     return f"{mean:.3f} ± {half:.3f}"
@@ -357,24 +482,33 @@ def _positive(values: Sequence[tuple[str, int]]) -> None:
             raise UserError(f"{what} must be at least 1, not {value}")
 
 
-def run_fsor(store_path: str | os.PathLike, *, split: str = "test", ways: int = 5, shots: Sequence[int] | str = (1, 5),
-             open_ways: int = 5, queries: int = 15, episodes: int = 3000, heads: Sequence[str] = ("protonet",),
+def run_fsor(store_path: str | os.PathLike, *, split: str | None = None, ways: int = 5,
+             shots: Sequence[int] | str = (1, 5), open_ways: int = 5, queries: int = 15, episodes: int = 3000,
+             heads: Sequence[str] = ("protonet",),
              head_options: Sequence[str] = (), seed: int = 0, episode_batch: int = 500, device: str = "cpu",
              threads: int | None = None, out: str | os.PathLike | None = None, views_per_support: int | None = None,
              threshold: str = "auto", train_split: str = "train", val_split: str = "val", quiet: bool = False,
              chunk: int | None = None, echo: Callable[[str], None] | None = None,
-             ready_heads: Mapping[str, Any] | None = None, batch: int | None = None) -> dict:
+             ready_heads: Mapping[str, Any] | None = None, batch: int | None = None, allow_overlap: bool = False,
+             notes: Sequence[str] = ()) -> dict:
     """Run the FSOR protocol for every head and shot setting; return the metrics (and write them under ``out``).
 
-    Returns ``{"heads": {label: {"<K>-shot": {metric: {"mean", "ci95"}, "decision": ..., "threshold": ...}}},
-    "unit": "percent", ...}`` (closed episodes, ``open_ways=0``: accuracy only). See the module docstring for the
+    Returns ``{"heads": {label: {"<K>-shot": {metric: {"mean", "ci95", "episodes"}, "episodes": ..., "decision":
+    ..., "threshold": ...}}}, "unit": "percent", "notes": [...], ...}`` (closed episodes, ``open_ways=0``: accuracy
+    only). ``metric["episodes"]`` is the number of episodes that metric averaged (its finite values), the entry's
+    ``"episodes"`` the fewest over its metrics, and ``"dropped"`` (only where any) ``{metric: episodes left
+    out}``; ``config["episodes"]`` is the number run. See the module docstring for the
     protocol, the metrics and the F1 decision rule. ``heads`` / ``head_options``: ``--head`` / ``--head-option``
     values; ``shots``: a list, or ``"1,5"`` / ``"1..20"``; ``threads``: torch, BLAS and FAISS threads (None:
-    leave them); ``batch``: the older name of ``episode_batch``.
+    leave them); ``batch``: the older name of ``episode_batch``; ``split`` None: the store's split ``test``, or
+    where it has none the classes its backbone was not trained on (module docstring).
 
     ``ready_heads``: ``{label: head}`` of heads trained elsewhere (a head fine-tuned together with the backbone of
     this store and loaded from that checkpoint), on ``device``. They run beside ``heads`` under their label, as
     they are: never built from a spec and never meta-trained here (the store's train split is not used for them).
+
+    ``allow_overlap``: run even when the test classes overlap the meta-training, validation or backbone training
+    classes (each overlap is then recorded in the notes); ``notes``: the caller's lines, put first in the notes.
     """
     if batch is not None:
         episode_batch = batch
@@ -384,12 +518,13 @@ def run_fsor(store_path: str | os.PathLike, *, split: str = "test", ways: int = 
                          episodes=episodes, heads=tuple(heads), head_options=tuple(head_options), seed=seed,
                          episode_batch=int(episode_batch), device=device, threads=threads, out=out,
                          views_per_support=views_per_support, threshold=threshold, train_split=train_split,
-                         val_split=val_split, quiet=quiet, chunk=chunk, echo=echo, ready_heads=ready_heads)
+                         val_split=val_split, quiet=quiet, chunk=chunk, echo=echo, ready_heads=ready_heads,
+                         allow_overlap=bool(allow_overlap), extra_notes=tuple(notes))
 
 
 def _run_fsor(store_path, *, split, ways, shots, open_ways, queries, episodes, heads, head_options, seed,
               episode_batch, device, threads, out, views_per_support, threshold, train_split, val_split, quiet,
-              chunk, echo, ready_heads) -> dict:
+              chunk, echo, ready_heads, allow_overlap, extra_notes) -> dict:
     from featstore.store import FeatureStore
 
     batch = episode_batch
@@ -413,10 +548,14 @@ def _run_fsor(store_path, *, split, ways, shots, open_ways, queries, episodes, h
         raise UserError("the same --head is given twice")
 
     store = FeatureStore.open(store_path)
-    rows = store.split(split)
+    if split is None and DEFAULT_SPLIT in store.split_names:
+        split = DEFAULT_SPLIT
+    if split is not None:
+        rows = store.split(split)
     has_train = train_split in store.split_names
     train_hint = ("" if has_train else f"store {store.path} has no split {train_split!r}; its splits: "
-                  f"{', '.join(store.split_names) or 'none'}; give --train-split")
+                  f"{', '.join(store.split_names) or 'none'}; give --train-split (and --val-split for model "
+                  f"selection), or make them with `featstore split`")
     for spec in specs:
         check_head_needs(head_class(spec.name), meta_training=has_train, hint=train_hint)
     for head in ready.values():
@@ -428,9 +567,6 @@ def _run_fsor(store_path, *, split, ways, shots, open_ways, queries, episodes, h
         build_head(spec, head_defaults)
     n_views = store.layout.views
     vps = (min(5, n_views) if n_views else 0) if views_per_support is None else int(views_per_support)
-    samplers = {k: EpisodeSampler(store.labels, rows, ways=ways, shots=k, queries=queries, open_ways=open_ways,
-                                  seed=seed, n_views=n_views, views_per_support=vps, name=f"split {split!r}",
-                                  class_names=store.classes) for k in shots}
     val_rows = None
     if threshold in ("auto", "val") and not closed_only:
         if val_split in store.split_names:
@@ -438,9 +574,27 @@ def _run_fsor(store_path, *, split, ways, shots, open_ways, queries, episodes, h
         elif threshold == "val":
             raise UserError(f"--threshold val needs a split {val_split!r}; store {store.path} has: "
                             f"{', '.join(store.split_names) or 'none'} (use --threshold median or --val-split)")
-    notes: list[str] = []
+    meta_training = has_train and any(head_class(s.name).needs_meta_training for s in specs)
+    head_types = [head_class(s.name) for s in specs] + [type(h) for h in ready.values()]
+    calibrated = val_rows is not None and any(not c.has_unknown_column for c in head_types)
+    uses_val = calibrated or (meta_training and val_split in store.split_names)
+    notes: list[str] = list(extra_notes)
+    test_classes = None
+    if split is None:  # no test split: the classes the backbone never saw, less the splits this run uses
+        used = ([("meta-training split", train_split)] if meta_training else []) + (
+            [("validation split", val_split)] if uses_val else [])
+        rows, test_classes, note = unseen_test_rows(store, used)
+        notes.append(note)
+    where = f"split {split!r}" if split is not None else UNSEEN
+    samplers = {k: EpisodeSampler(store.labels, rows, ways=ways, shots=k, queries=queries, open_ways=open_ways,
+                                  seed=seed, n_views=n_views, views_per_support=vps, name=where,
+                                  class_names=store.classes) for k in shots}
+    check_class_sets(store, rows, split=split, train_split=train_split if meta_training else None,
+                     val_split=val_split if uses_val else None, allow_overlap=allow_overlap, notes=notes)
     if closed_only:
         notes.append("closed episodes (--open-ways 0): accuracy only; no open score, F1 decision or ROC curve")
+    else:
+        notes.append(OSCR_NOTE)
     t_start = time.perf_counter()
     data = EpisodeFeatures(store, rows if val_rows is None else np.union1d(rows, val_rows), vps, dev)
     labels = store.labels
@@ -500,11 +654,17 @@ def _run_fsor(store_path, *, split, ways, shots, open_ways, queries, episodes, h
                     values = np.concatenate(per_ep[label][m]) * 100
                     finite = values[np.isfinite(values)]
                     mean, half = mean_ci95(finite) if finite.size else (float("nan"), float("nan"))
-                    entry[m] = {"mean": mean, "ci95": half}
+                    entry[m] = {"mean": mean, "ci95": half, "episodes": int(finite.size)}
                 if not closed_only:
                     entry["decision"] = _rule_text(rules[label], taus[label])
                     entry["threshold"] = taus[label]
-                entry["episodes"] = episodes
+                entry["episodes"] = min(entry[m]["episodes"] for m in keys)
+                dropped = {m: episodes - entry[m]["episodes"] for m in keys if entry[m]["episodes"] < episodes}
+                if dropped:
+                    entry["dropped"] = dropped
+                    notes.append(f"{label}, {k}-shot: " + ", ".join(f"{m} {n}" for m, n in dropped.items())
+                                 + f" of {episodes} episodes left out of the means (a non-finite value: open scores "
+                                   "or logits not finite, or no known or unknown query)")
                 results[label][f"{k}-shot"] = entry
                 pooled[(label, k)] = (np.concatenate(scores_all[label]), unknown)
     finally:
@@ -516,7 +676,9 @@ def _run_fsor(store_path, *, split, ways, shots, open_ways, queries, episodes, h
               "head_options": list(head_options), "seed": seed, "episode_batch": batch, "device": str(dev),
               "threads": threads, "chunk": min(chunk, batch), "views_per_support": vps, "store_views": n_views,
               "threshold": threshold, "train_split": train_split, "val_split": val_split,
-              "head_params": {s.label: s.options for s in specs}}
+              "allow_overlap": allow_overlap, "head_params": {s.label: s.options for s in specs}}
+    if test_classes is not None:
+        config["test_classes"] = [store.classes[c] for c in test_classes]
     if ready:
         config["ready_heads"] = list(ready)
     metrics = {"unit": "percent", "heads": results,
@@ -529,7 +691,11 @@ def _run_fsor(store_path, *, split, ways, shots, open_ways, queries, episodes, h
     table, md_notes = _markdown(results, labels_all, shots, closed_only)
     head_line = (f"{ways}-way {'/'.join(map(str, shots))}-shot, "
                  + ("closed episodes (no unknown class)" if closed_only else f"{open_ways} open classes")
-                 + f", {queries} queries, {episodes} episodes on split {split!r} of {store.path} (seed {seed}, "
+                 + f", {queries} queries, {episodes} episodes on "
+                 + (f"split {split!r}" if test_classes is None else
+                    f"the {len(test_classes)} classes the backbone was not trained on "
+                    f"({_class_names(test_classes, store.classes)}; provenance checkpoint_classes)")
+                 + f" of {store.path} (seed {seed}, "
                    f"{vps} support views); mean ± 95% CI over episodes, in percent")
     if out is not None:
         out = Path(out)
@@ -563,7 +729,7 @@ def _markdown(results: dict, labels: Sequence[str], shots: Sequence[int], closed
             rows.append({"head": label, "shots": k, **{m: _fmt(e[m]["mean"], e[m]["ci95"]) for m in METRIC_KEYS},
                          "decision": e["decision"]})
     columns = {"head": "head", "shots": "K", "acc": "accuracy", "auroc": "AUROC", "f1_macro": "macro-F1 (N+1)",
-               "f1_paper": "paper F1", "oscr": "OSCR", "aupr_out": "AUPR-out", "fpr95": "FPR@95",
+               "f1_paper": "paper F1", "oscr": "OSCR", "aupr_out": "AUPR-out", "fpr95tpr": "FPR@95TPR",
                "decision": "F1 decision"}
     notes = [
         "- accuracy: argmax over the N known columns, on the known queries; AUROC: the head's open score, "
@@ -572,7 +738,9 @@ def _markdown(results: dict, labels: Sequence[str], shots: Sequence[int], closed
         "- paper F1: the TANE / DNPG code's F1, macro-averaged only over labels that occur in the predictions "
         "(not comparable with the standard one).",
         "- F1 decision: `argmax` = (N+1)-way argmax of a head with an unknown column; `val` = open score above "
-        "the 95th percentile of known validation queries' scores; `median` = above the episode's median."]
+        "the 95th percentile of known validation queries' scores; `median` = above the episode's median.",
+        "- FPR@95TPR: the fraction of unknown queries accepted as known at the threshold that accepts 95% of the "
+        "known queries (the out-of-distribution literature's convention); lower is better."]
     return markdown_table(rows, columns), notes
 
 
@@ -606,7 +774,15 @@ def _calibrate(head, rule: str, store, val_rows, data: EpisodeFeatures, ways: in
         b = b.to(data.device)
         _, scores = run_heads_chunked({"h": head}, data, b, ways, chunk)["h"]
         known_scores.append(scores[~b.is_unknown.to(scores.device)].double().cpu())
-    tau = float(torch.quantile(torch.cat(known_scores), 0.95))
+    known = torch.cat(known_scores)
+    finite = known[torch.isfinite(known)]
+    if finite.numel() < known.numel():
+        notes.append(f"head {head.head_name!r}, {shots}-shot: {known.numel() - finite.numel()} of {known.numel()} "
+                     f"known validation scores not finite, left out of the threshold")
+    if not finite.numel():
+        raise UserError(f"head {head.head_name!r} gave no finite open score on the {shots}-shot validation episodes "
+                        f"of split {val_split!r}; use --threshold median")
+    tau = float(torch.quantile(finite, 0.95))
     return "val", tau
 
 
@@ -621,6 +797,10 @@ def _plot_roc(path: Path, pooled: dict, heads: Sequence[str], shots: Sequence[in
         for label in heads:
             scores, unknown = pooled[(label, k)]
             s, u = scores.reshape(-1), unknown.reshape(-1)
+            finite = np.isfinite(s)
+            s, u = s[finite], u[finite]
+            if not (u.any() and (~u).any()):
+                continue
             fpr, tpr = M.roc_points(s, u)
             if len(fpr) > 4000:  # thin the curve for the plot only
                 idx = np.unique(np.linspace(0, len(fpr) - 1, 4000).astype(int))
@@ -647,7 +827,10 @@ def _shots(ctx, param, value: str) -> list[int]:
 
 @click.command("fsor")
 @click.option("--store", "store", required=True, type=click.Path(), help="The feature store.")
-@click.option("--split", default="test", show_default=True, help="Split the test episodes are drawn from.")
+@click.option("--split", default=None,
+              help="Split the test episodes are drawn from [default: 'test'; where the store has none, every class "
+                   "its backbone was not trained on (provenance checkpoint_classes), less the train / val splits "
+                   "in use].")
 @click.option("--ways", type=int, default=5, show_default=True, help="Known classes per episode (N).")
 @click.option("--shots", default="1,5", show_default=True, callback=_shots,
               help="Support examples per class (K): a list such as 1,5, or a range such as 1..20 (the canonical "
@@ -676,16 +859,20 @@ def _shots(ctx, param, value: str) -> list[int]:
                    "median = per-episode median, auto = val if the store has a val split.")
 @click.option("--train-split", default="train", show_default=True, help="Split for meta-training heads.")
 @click.option("--val-split", default="val", show_default=True, help="Split for model selection and thresholds.")
+@click.option("--allow-overlap", is_flag=True,
+              help="Run even when the test classes overlap the meta-training, validation or backbone training "
+                   "classes (recorded in results.json and results.md).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def fsor_command(store, split, ways, shots, open_ways, queries, episodes, heads, head_options, seed, out,
                  episode_batch, device, threads, views_per_support, threshold, train_split, val_split,
-                 quiet) -> None:
+                 allow_overlap, quiet) -> None:
     """Few-shot open-set recognition: N-way K-shot episodes with M unknown classes, per-episode accuracy,
     AUROC and F1 (standard and the papers' variant), mean and 95% CI; --open-ways 0 for closed episodes."""
     run_fsor(store, split=split, ways=ways, shots=shots, open_ways=open_ways, queries=queries, episodes=episodes,
              heads=heads, head_options=head_options, seed=seed, episode_batch=episode_batch, device=device,
              threads=threads, out=out, views_per_support=views_per_support, threshold=threshold,
-             train_split=train_split, val_split=val_split, quiet=quiet, echo=click.echo)
+             train_split=train_split, val_split=val_split, allow_overlap=allow_overlap, quiet=quiet,
+             echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ This command runs that path in one go:
 2. **Base rows**: the samples of the training source that satisfy ``train_rule`` (``"drawer<=16"``, ``"class<900"``,
    ``"split=background"``, ``"all"``; several joined by ``&``); the base classes are their classes. ``val_rule``
    selects the validation samples the same way (``"drawer>=17"``: held-out drawings of the base classes; or other
-   classes); the two must not share a sample, and the test data never enters the selection.
+   classes); the two must not share a sample, and the test data never enters the selection. The test classes
+   must be novel: a test class that is a base class, a validation class or one the starting checkpoint was
+   trained on (matched by name) is refused in one line unless ``--allow-overlap``, which is then recorded in
+   ``finetune.json`` and in the notes of the FSOR results.
 3. **Head initialisation** on the base rows' clean features through the *frozen* starting backbone, computed once:
    TANE's base memory = the checkpoint's classifier rows of the base classes (class means where the checkpoint has
    no classifier for all of them); DNPG's memory = Phase 2 (GCPL centres, RPL points) on those features.
@@ -82,7 +85,8 @@ RECORD_NAME = "finetune.json"
 AUGMENTS = ("auto", "none", "shift", "shift-flip", "lowshot")  # extract.train's kinds (imported lazily there)
 # Settings that do not change the fine-tuned checkpoint: a finished fine-tuning is reused when only these differ.
 EVALUATION_FIELDS = ("test_dataset", "test_data_root", "test_split", "test_shots", "test_queries", "test_episodes",
-                     "views", "baseline_heads", "batch_size", "workers", "device", "threads", "quiet")
+                     "views", "baseline_heads", "batch_size", "workers", "device", "threads", "quiet",
+                     "allow_overlap")
 
 
 @dataclass
@@ -111,6 +115,9 @@ class FsorFinetuneConfig:
 
     Run: ``batch_size`` (embedding and extraction), ``workers`` (decode processes), ``seed``, ``device``,
     ``threads``, ``quiet``, ``out`` (a new folder, or one without a fine-tuned checkpoint).
+
+    ``allow_overlap``: run even when the test classes are base, validation or backbone training classes (each
+    overlap is recorded in ``finetune.json`` and in the notes of the FSOR results); refused otherwise.
     """
 
     checkpoint: str
@@ -153,6 +160,7 @@ class FsorFinetuneConfig:
     device: str = "cpu"
     threads: int | None = None
     quiet: bool = False
+    allow_overlap: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,6 +445,39 @@ def _finished_finetune(cfg: FsorFinetuneConfig) -> dict | None:
     return record
 
 
+def check_class_sets(cfg: FsorFinetuneConfig) -> list[str]:
+    """Refuse (one line, naming them) test classes that are base classes (``train_rule``), validation classes
+    (``val_rule``) or classes the starting backbone was trained on (the checkpoint's class names), matched by name
+    across the sources; with ``allow_overlap`` return those lines as notes instead. Validation classes may be base
+    classes (held-out drawings of them): that is not checked."""
+    from bench.fsor import refuse_or_note_overlap
+    from extract import datasets as ds
+
+    raw = _read_checkpoint(cfg.checkpoint)
+    source = ds.open_source(cfg.dataset, root=cfg.data_root, split=cfg.split)
+    labels = np.asarray(source.labels, dtype=np.int64)
+
+    def names_of(rows: np.ndarray) -> set[str]:
+        return {str(source.classes[c]) for c in np.unique(labels[rows])}
+
+    base = names_of(select_rows(source, cfg.train_rule, "--train-rule"))
+    val = names_of(select_rows(source, cfg.val_rule, "--val-rule"))
+    test_source = ds.open_source(cfg.test_dataset or cfg.dataset, root=cfg.test_data_root or cfg.data_root,
+                                 split=cfg.test_split)
+    test = {str(test_source.classes[c]) for c in np.unique(np.asarray(test_source.labels, dtype=np.int64))}
+    seen = {str(c) for c in raw.get("classes") or []}
+    names = sorted(base | val | test | seen)
+    index = {name: k for k, name in enumerate(names)}
+    notes: list[str] = []
+    what = f"--test-split {cfg.test_split!r}"
+    for other, label in ((base, f"the base classes of --train-rule {cfg.train_rule!r}"),
+                         (val, f"the validation classes of --val-rule {cfg.val_rule!r}"),
+                         (seen, f"the classes checkpoint {Path(cfg.checkpoint).name} was trained on")):
+        refuse_or_note_overlap([index[n] for n in test], [index[n] for n in other], what, label, names,
+                               cfg.allow_overlap, notes)
+    return notes
+
+
 def run_fsor_finetune(cfg: FsorFinetuneConfig, echo: Callable[[str], None] | None = None) -> dict:
     """Fine-tune ``cfg.head`` with the backbone of ``cfg.checkpoint``, re-extract the test data, run FSOR on it.
 
@@ -448,6 +489,7 @@ def run_fsor_finetune(cfg: FsorFinetuneConfig, echo: Callable[[str], None] | Non
     """
     _check_config(cfg)
     done = _finished_finetune(cfg)
+    notes = check_class_sets(cfg)
     device = resolve_device(cfg.device)
     with thread_limits(cfg.threads):
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
@@ -458,7 +500,10 @@ def run_fsor_finetune(cfg: FsorFinetuneConfig, echo: Callable[[str], None] | Non
                 if echo and not cfg.quiet:
                     echo(f"reusing the fine-tuning in {cfg.out} ({CHECKPOINT_NAME}, sha256 "
                          f"{done['checkpoint_sha256'][:12]})")
-            return _evaluate_stage(cfg, result, device, echo)
+            result.pop("overlap_notes", None)  # a reused record's: this request's are set below
+            if notes:
+                result["overlap_notes"] = notes
+            return _evaluate_stage(cfg, result, device, echo, notes)
 
 
 def _finetune_stage(cfg: FsorFinetuneConfig, device: torch.device, echo: Callable[[str], None] | None) -> dict:
@@ -675,10 +720,6 @@ def _check_episode_requests(cfg: FsorFinetuneConfig, data: _BaseData, schedule: 
     except ValueError as exc:
         raise _episode_error("--test-split, --test-shots, --test-queries", exc) from None
     base_names = [data.source.classes[c] for c in data.base_classes]
-    shared = sorted(set(base_names) & set(test_source.classes))
-    if shared:
-        raise UserError(f"the test split shares {len(shared)} classes with the base classes (e.g. {shared[0]!r}); "
-                        "test classes must be novel: pick another --test-split or --train-rule")
     return val_batch, val_queries, base_names
 
 
@@ -820,7 +861,7 @@ class _EpochSelection:
 
 
 def _evaluate_stage(cfg: FsorFinetuneConfig, result: dict, device: torch.device,
-                    echo: Callable[[str], None] | None) -> dict:
+                    echo: Callable[[str], None] | None, notes: tuple[str, ...] | list[str] = ()) -> dict:
     """Steps 7-8: re-extract the test split with the new checkpoint, run FSOR with the saved head; returns
     ``result`` completed (and rewrites ``out/finetune.json``)."""
     from extract.run import ExtractConfig, run_extraction
@@ -853,7 +894,8 @@ def _evaluate_stage(cfg: FsorFinetuneConfig, result: dict, device: torch.device,
     metrics = run_fsor(store_path, split=cfg.test_split, ways=cfg.ways, shots=test_shots, open_ways=cfg.open_ways,
                        queries=test_queries, episodes=cfg.test_episodes, heads=tuple(cfg.baseline_heads),
                        seed=cfg.seed, device=cfg.device, out=out, quiet=cfg.quiet,
-                       echo=None if cfg.quiet else echo, ready_heads={_finetuned_label(cfg.head): ready})
+                       echo=None if cfg.quiet else echo, ready_heads={_finetuned_label(cfg.head): ready},
+                       allow_overlap=cfg.allow_overlap, notes=notes)
     result.update(fsor=metrics, results=str(out / "results.json"), evaluate_seconds=time.perf_counter() - started)
     _write_record(out / RECORD_NAME, result)
     return result
@@ -926,6 +968,8 @@ def _ints(_ctx, param, value: str | None) -> list[int]:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bars or summaries.")
+@click.option("--allow-overlap", is_flag=True,
+              help="Run even when test classes are base, validation or backbone training classes (recorded).")
 def fsor_finetune_command(**options: Any) -> None:
     """Fine-tune TANE / DNPG together with the backbone, re-extract the test data, run the FSOR protocol."""
     options["baseline_heads"] = list(options["baseline_heads"])

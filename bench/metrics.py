@@ -2,8 +2,9 @@
 
 Conventions (one everywhere):
 
-- ``scores`` are *open* scores: **higher = more likely unknown**; ``is_unknown`` is the positive class of every
-  detection metric (AUROC, AUPR-out, FPR@95TPR).
+- ``scores`` are *open* scores: **higher = more likely unknown**; ``is_unknown`` is the positive class of AUROC
+  and AUPR-out. FPR@95TPR follows the out-of-distribution literature instead: the *knowns* are its positives
+  (see ``fpr_at_95tpr``).
 - Labels below 0 mean unknown. For open-set classification with ``n_known = N`` known classes the prediction
   ``N`` means "unknown".
 - Every detection / F1 metric has a plain form on one episode (1-D input, returns a float) and a batched form on
@@ -17,12 +18,33 @@ Definitions:
   scores)``), by the Mann-Whitney statistic on average ranks.
 - ``aupr``: average precision (scikit-learn's ``average_precision_score``), unknown positive by default
   (AUPR-out) or known positive with score ``-scores`` (``positive="known"``, AUPR-in).
-- ``fpr_at_95tpr``: the smallest false-positive rate (knowns flagged as unknown) at a threshold that detects at
-  least 95% of the unknowns (= ``fpr[argmax(tpr >= 0.95)]`` of ``roc_curve(..., drop_intermediate=False)``).
-- ``oscr``: open-set classification rate (Dhamija et al. 2018): the area under CCR(t) against FPR(t), where a
-  sample is accepted as known when its open score is <= t, CCR(t) = accepted and correctly classified knowns /
-  all knowns, FPR(t) = accepted unknowns / all unknowns; the curve runs from (0, 0) to (1, CCR at full
-  acceptance) through one point per distinct score (trapezoids). With every known correct it equals AUROC.
+- ``fpr_at_95tpr`` (FPR@95TPR, lower is better): the fraction of *unknowns accepted as known* at the threshold
+  that accepts 95% of the knowns, knowns positive, as ODIN defines it (Liang et al., ICLR 2018: the probability
+  that an out-of-distribution example is taken for an in-distribution one when 95% of the in-distribution
+  examples are accepted). A sample is accepted as known when its open score is <= t; t is the
+  *smallest* open score at which the accepted knowns reach >= 95% (every sample tied at t is accepted). That is
+  ``fpr[argmax(tpr >= 0.95)]`` of ``roc_curve(~is_unknown, -scores, drop_intermediate=False)``: the first ROC
+  point with TPR >= 0.95, one point per distinct score (OpenOOD's ``fpr_recall`` takes the same index of
+  ``roc_curve`` with its default ``drop_intermediate=True``, which can drop that point when it lies on a
+  straight stretch of the curve and then give a larger FPR; OpenOOD v1.5's ``compute_all_metrics`` reports the
+  reverse reading below, out-of-distribution positive).
+- ``known_rejection_at_95_unknown_recall``: the reverse reading, *not* the FPR@95TPR above: the fraction of
+  knowns flagged unknown at the largest threshold that flags >= 95% of the unknowns (unknowns positive;
+  ``fpr[argmax(tpr >= 0.95)]`` of ``roc_curve(is_unknown, scores, drop_intermediate=False)``).
+- ``oscr``: open-set classification rate (Dhamija et al., NeurIPS 2018): the area under CCR(t) against FPR(t),
+  where a sample is accepted as known when its open score is <= t, CCR(t) = accepted and correctly classified
+  knowns / all knowns, FPR(t) = accepted unknowns / all unknowns; the curve runs from (0, 0) to (1, CCR at full
+  acceptance) through one point per distinct score (trapezoids). With every known correct it equals AUROC. This
+  is the definition. Two evaluation codes that open-set papers report with differ from it, so compare published
+  OSCR with care: ARPL's ``core/evaluation.py`` ``compute_oscr`` (Chen et al., TPAMI 2021;
+  github.com/iCGY96/ARPL) counts at each cut-off position of the sorted scores the correct knowns strictly above
+  it but the unknowns from it on, so the operating point where a known follows an unknown in the sort is never
+  formed, its trapezoid cuts that corner of the curve, and (its loop also stopping one position early) its OSCR
+  comes out lower -- by 0.17 points on average (0.09-0.28) on episodes of 75 known + 75 unknown queries with
+  Gaussian scores in our check; CSSR's ``metrics.py`` version (Huang et al., TPAMI 2022; github.com/xyzedd/CSSR,
+  "modified from ARPL") uses one strict threshold for both counts but closes the curve at (1, 1) instead of
+  (1, CCR at full acceptance), which adds area when the lowest-scored sample is an unknown (0.13 points higher on
+  average in the same check).
 - ``open_macro_f1``: the standard macro-F1 over all N + 1 labels (unknown = label N); a label never predicted
   scores 0 (= ``f1_score(labels, pred, labels=range(N + 1), average="macro", zero_division=0)``).
 - ``paper_f1``: the F1 of the FSOR papers' test code (TANE / DNPG), macro-F1 averaged only over the labels that
@@ -45,7 +67,8 @@ from heads.scores import to_tensor as _t
 
 __all__ = [
     "topk_accuracy", "closed_accuracy", "auroc", "aupr", "fpr_at_95tpr", "oscr", "open_macro_f1", "paper_f1",
-    "batched_auroc", "batched_aupr", "batched_fpr_at_95tpr", "batched_oscr", "batched_open_macro_f1",
+    "known_rejection_at_95_unknown_recall", "batched_auroc", "batched_aupr", "batched_fpr_at_95tpr",
+    "batched_known_rejection_at_95_unknown_recall", "batched_oscr", "batched_open_macro_f1",
     "batched_paper_f1", "batched_closed_accuracy", "open_predictions", "roc_points", "mean_ci95",
 ]
 
@@ -130,9 +153,9 @@ def _roc_at_group_ends(s: torch.Tensor, y: torch.Tensor):
     return tp / pos, fp / neg, last
 
 
-def batched_fpr_at_95tpr(scores: Any, is_unknown: Any, tpr: float = 0.95) -> torch.Tensor:
-    """[E] smallest FPR (knowns flagged unknown) at a threshold that catches >= ``tpr`` of the unknowns."""
-    s, y = _pair(scores, is_unknown)
+def _first_fpr_at_tpr(s: torch.Tensor, y: torch.Tensor, tpr: float) -> torch.Tensor:
+    """[E] FPR at the first ROC point (descending ``s``, ``y`` positive) whose TPR reaches ``tpr``; FPR only grows
+    along the curve, so that is the smallest FPR among the points with TPR >= ``tpr``."""
     t, f, last = _roc_at_group_ends(s, y)
     ok = last & (t >= tpr - 1e-12)
     out = torch.where(ok, f, torch.full_like(f, float("inf"))).amin(dim=-1)
@@ -140,8 +163,31 @@ def batched_fpr_at_95tpr(scores: Any, is_unknown: Any, tpr: float = 0.95) -> tor
     return torch.where((pos > 0) & (neg > 0), out, torch.full_like(out, float("nan")))
 
 
+def batched_fpr_at_95tpr(scores: Any, is_unknown: Any, tpr: float = 0.95) -> torch.Tensor:
+    """[E] FPR@95TPR: the fraction of unknowns accepted as known (open score <= t) at the smallest threshold t that
+    accepts >= ``tpr`` of the knowns (knowns positive, as the OOD literature; see the module docstring)."""
+    s, y = _pair(scores, is_unknown)
+    return _first_fpr_at_tpr(-s, ~y, tpr)
+
+
 def fpr_at_95tpr(scores: Any, is_unknown: Any, tpr: float = 0.95) -> float:
+    """FPR@95TPR of one episode (``fpr[argmax(tpr >= 0.95)]`` of ``roc_curve(~is_unknown, -scores,
+    drop_intermediate=False)``): unknowns accepted when 95% of the knowns are accepted; lower is better."""
     return _single(lambda s, y: batched_fpr_at_95tpr(s, y, tpr), scores, is_unknown, name="fpr_at_95tpr")
+
+
+def batched_known_rejection_at_95_unknown_recall(scores: Any, is_unknown: Any, recall: float = 0.95) -> torch.Tensor:
+    """[E] the fraction of knowns flagged unknown (open score >= t) at the largest threshold t that flags >=
+    ``recall`` of the unknowns (unknowns positive). Not the literature's FPR@95TPR (that is ``fpr_at_95tpr``)."""
+    s, y = _pair(scores, is_unknown)
+    return _first_fpr_at_tpr(s, y, recall)
+
+
+def known_rejection_at_95_unknown_recall(scores: Any, is_unknown: Any, recall: float = 0.95) -> float:
+    """One episode of :func:`batched_known_rejection_at_95_unknown_recall` (``fpr[argmax(tpr >= 0.95)]`` of
+    ``roc_curve(is_unknown, scores, drop_intermediate=False)``)."""
+    return _single(lambda s, y: batched_known_rejection_at_95_unknown_recall(s, y, recall), scores, is_unknown,
+                   name="known_rejection_at_95_unknown_recall")
 
 
 def roc_points(scores: Any, is_unknown: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -155,9 +201,11 @@ def roc_points(scores: Any, is_unknown: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batched_oscr(scores: Any, is_unknown: Any, correct: Any) -> torch.Tensor:
-    """[E] OSCR: area under CCR against FPR as the acceptance threshold on the open score rises.
+    """[E] OSCR (Dhamija et al., NeurIPS 2018): area under CCR against FPR as the acceptance threshold on the open
+    score rises, by the definition (see the module docstring: ARPL's ``compute_oscr`` gives about 0.2 points less).
 
-    ``correct`` ``[E, m]``: the closed-set prediction of the sample is right (ignored for unknowns).
+    ``scores`` ``[E, m]`` open scores, ``is_unknown`` ``[E, m]``, ``correct`` ``[E, m]``: the closed-set
+    prediction of the sample is right (ignored for unknowns).
     """
     s, y = _pair(scores, is_unknown)
     c = _t(correct, dtype=None).bool().to(s.device) & ~y

@@ -2,7 +2,7 @@
 
 ::
 
-    head = ProtoNet(metric="euclidean", unknown_score="msp")
+    head = ProtoNet(metric="euclidean", unknown_score="distance")
     head.fit(support [n, d] or [E, n, d], labels [n] or [E, n])   # prototypes_ [C, d] or [E, C, d]
     head.logits(queries [m, d] or [E, m, d])                       # [m, C] or [E, m, C]
     head.open_score(queries)                                       # [m] or [E, m]; higher = more unknown
@@ -14,14 +14,16 @@ the ranking of classes.
 
 Open scores (``unknown_score``; higher = more unknown, featstore's convention):
 
-- ``msp``: negative maximum softmax probability over the known classes;
-- ``maxlogit``: negative maximum logit;
-- ``distance``: distance to the nearest prototype (Euclidean distance, or cosine distance ``1 - cos``).
+- ``distance`` (default): distance to the nearest prototype (Euclidean distance, or cosine distance ``1 - cos``);
+- ``msp``: negative maximum softmax probability over the known classes, the score the FSOR papers give their
+  ProtoNet baseline (TANE, Huang et al., CVPR 2022; DNPG, Zhang et al., ACM MM 2024);
+- ``maxlogit``: negative maximum logit.
 
-Saturation: with raw Euclidean distances between unnormalised features, the gaps between squared distances are
-often far above 20, where the float32 softmax of the nearest class rounds to exactly 1; ``msp`` then ties for most
-queries (AUROC drifts towards 50%). Use ``unknown_score="distance"`` (or a larger ``temperature``) on such
-features. (The hyper-parameter was called ``open_score``, like the method; the benches still accept that name.)
+Why distance is the default: with raw Euclidean distances between unnormalised features, the gaps between squared
+distances are often far above 20, where the float32 softmax of the nearest class rounds to exactly 1; ``msp`` then
+ties for most queries and its AUROC drifts towards (or below) 50%, while the distance itself keeps ranking them.
+``unknown_score="msp"`` (or a larger ``temperature``) gives the papers' baseline. (The hyper-parameter was called
+``open_score``, like the method; the benches still accept that name.)
 
 Episodes run as one tensor program: a batch of E episodes is ``[E, n, d]`` support and ``[E, m, d]`` queries, and
 every step is a batched matrix product, so thousands of episodes cost about as much as their feature gather.
@@ -47,7 +49,7 @@ class ProtoNet(Head):
     gives_unknown_score = True
     param_aliases = {"open_score": "unknown_score"}
 
-    def __init__(self, metric: str = "euclidean", unknown_score: str = "msp", temperature: float | None = None,
+    def __init__(self, metric: str = "euclidean", unknown_score: str = "distance", temperature: float | None = None,
                  device: str | torch.device = "cpu"):
         super().__init__(device)
         if metric not in METRICS:

@@ -63,7 +63,7 @@ def test_bench_fsor_end_to_end(store_path, tmp_path):
     out = tmp_path / "out"
     proc = cli("--store", store_path, "--split", "test", "--ways", 5, "--shots", "1,5", "--open-ways", 5,
                "--queries", 15, "--episodes", 60, "--episode-batch", 25, "--head", "protonet",
-               "--head", "protonet:open_score=distance", "--seed", 3, "--out", out, "--quiet")
+               "--head", "protonet:open_score=msp", "--seed", 3, "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| protonet | 1 |" in proc.stdout
     data = json.loads((out / "results.json").read_text())
@@ -71,16 +71,17 @@ def test_bench_fsor_end_to_end(store_path, tmp_path):
     assert data["config"]["views_per_support"] == 5  # the store has views: 5 per support image by default
     assert data["store"]["fingerprint_hash"] == FeatureStore.open(store_path).fingerprint_hash
     heads = data["metrics"]["heads"]
-    assert set(heads) == {"protonet", "protonet:open_score=distance"}
+    assert set(heads) == {"protonet", "protonet:open_score=msp"}
     for spec, per_shot in heads.items():
         assert set(per_shot) == {"1-shot", "5-shot"}
         for k, entry in per_shot.items():
-            for m in ("acc", "auroc", "f1_macro", "f1_paper", "oscr", "aupr_out", "fpr95"):
+            for m in ("acc", "auroc", "f1_macro", "f1_paper", "oscr", "aupr_out", "fpr95tpr"):
                 assert entry[m]["mean"] is not None and entry[m]["ci95"] >= 0, (spec, k, m)
             assert entry["acc"]["mean"] > 95, (spec, k)  # well-separated clusters
             assert entry["decision"].startswith("val (threshold")  # the store's val split has 12 classes
             assert entry["f1_paper"]["mean"] >= entry["f1_macro"]["mean"] - 1e-9
-    dist = heads["protonet:open_score=distance"]
+    dist = heads["protonet"]  # the default open score: the distance to the nearest prototype
+    assert data["config"]["head_params"] == {"protonet": {}, "protonet:open_score=msp": {"open_score": "msp"}}
     assert dist["1-shot"]["auroc"]["mean"] > 90 and dist["5-shot"]["auroc"]["mean"] > 90
     assert dist["5-shot"]["f1_macro"]["mean"] > 80
     md = (out / "results.md").read_text()
@@ -255,11 +256,17 @@ def test_head_option_and_the_older_spec_are_the_same_head(store_path):
     bare = run_fsor(store_path, heads=("protonet",), head_options=("unknown_score=distance",), **common)
     assert set(new["heads"]["protonet"]) == {"1-shot", "2-shot"}  # 1..2: the canonical 1, 2
     for k in ("1-shot", "2-shot"):
-        for m in ("acc", "auroc", "f1_macro", "f1_paper", "oscr", "aupr_out", "fpr95"):
+        for m in ("acc", "auroc", "f1_macro", "f1_paper", "oscr", "aupr_out", "fpr95tpr"):
             assert new["heads"]["protonet"][k][m] == old["heads"]["protonet:open_score=distance"][k][m]
             assert new["heads"]["protonet"][k][m] == bare["heads"]["protonet"][k][m]
-    msp = run_fsor(store_path, heads=("protonet",), **common)["heads"]["protonet"]["1-shot"]
-    assert msp["auroc"] != new["heads"]["protonet"]["1-shot"]["auroc"]  # the option reached the head
+    default = run_fsor(store_path, heads=("protonet",), **common)["heads"]["protonet"]
+    assert default == new["heads"]["protonet"]  # distance is the default
+    msp = run_fsor(store_path, heads=("protonet",), head_options=("protonet.unknown_score=msp",), **common)
+    old_msp = run_fsor(store_path, heads=("protonet:open_score=msp",), **common)  # the older alias
+    assert msp["heads"]["protonet"] == old_msp["heads"]["protonet:open_score=msp"]
+    for k in ("1-shot", "2-shot"):  # the option reached the head: the same closed decisions, another open score
+        assert msp["heads"]["protonet"][k]["acc"] == default[k]["acc"]
+        assert msp["heads"]["protonet"][k]["auroc"] != default[k]["auroc"]
 
 
 def _hard_store(path: Path) -> Path:
@@ -347,3 +354,224 @@ def test_a_pooled_head_is_fitted_episode_by_episode(store_path):
     got = run_fsor(store_path, heads=("logreg",), head_options=("logreg.batch_size=5", "logreg.iterations=50"),
                    **common)["heads"]["logreg"]["1-shot"]
     assert got["acc"]["mean"] > 95 and got["decision"] == "median"
+
+
+def _overlap_store(path: Path, provenance: dict | None = None) -> Path:
+    """10 clusters x 20 rows x 8 dims, 2 views; train = classes 0-5, val = 6-9 and a test split holding all ten."""
+    rng = np.random.default_rng(8)
+    labels = np.repeat(np.arange(10), 20)
+    x = (rng.standard_normal((10, 8))[labels] * 3 + rng.standard_normal((len(labels), 8))).astype(np.float32)
+    views = (x[None] + 0.05 * rng.standard_normal((2, *x.shape))).astype(np.float32)
+    splits = {"train": np.flatnonzero(labels < 6), "val": np.flatnonzero(labels >= 6), "test": np.arange(len(labels))}
+    store = FeatureStore.create(path, Layout(n=len(labels), dim=8, dtype="float32", chunk_rows=64, views=2),
+                                fingerprint={"model": "fsor-overlap-test"}, classes=[f"c{i}" for i in range(10)],
+                                labels=labels, ids=[f"s{i}" for i in range(len(labels))], splits=splits,
+                                provenance=provenance)
+    for c in range(store.n_chunks):
+        lo, hi = store.chunk_range(c)
+        store.write_chunk(c, x[lo:hi], views=views[:, lo:hi])
+    store.close()
+    return path
+
+
+def test_overlapping_class_sets_are_refused_unless_allowed(tmp_path):
+    path = _overlap_store(tmp_path / "overlap.zarr")
+    if "test_meta_dummy" not in HEADS:
+        register_head("test_meta_dummy")(MetaDummy)
+    common = dict(shots=(1,), episodes=6, episode_batch=6, quiet=True, ways=3, open_ways=2, queries=5)
+    with pytest.raises(UserError, match=r"^test split 'test' and meta-training split 'train' share 6 class\(es\): "
+                                        r"c0, c1, c2, c3, c4 and 1 more; pass --allow-overlap"):
+        run_fsor(path, heads=("test_meta_dummy",), **common)
+    # no meta-training head: the val split still sets the threshold, and its classes are test classes too
+    with pytest.raises(UserError, match=r"^test split 'test' and validation split 'val' share 4 class\(es\): "
+                                        r"c6, c7, c8, c9; pass --allow-overlap"):
+        run_fsor(path, heads=("protonet",), **common)
+    # nothing on the train or val split is used: nothing to refuse
+    assert run_fsor(path, heads=("protonet",), threshold="median", **common)["notes"][-1].startswith("OSCR follows")
+
+    out = tmp_path / "allowed"
+    proc = cli("--store", path, "--ways", 3, "--open-ways", 2, "--queries", 5, "--shots", 1, "--episodes", 6,
+               "--head", "protonet", "--out", out, "--quiet")
+    assert proc.returncode == 2 and "validation split 'val' share 4 class(es)" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and not out.exists()
+    proc = cli("--store", path, "--ways", 3, "--open-ways", 2, "--queries", 5, "--shots", 1, "--episodes", 6,
+               "--head", "protonet", "--allow-overlap", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["allow_overlap"] is True
+    line = ("--allow-overlap: test split 'test' and validation split 'val' share 4 class(es): c6, c7, c8, c9; "
+            "these figures are not on unseen classes")
+    assert line in data["metrics"]["notes"]
+    assert f"- {line}" in (out / "results.md").read_text()
+    got = run_fsor(path, heads=("test_meta_dummy",), allow_overlap=True, **common)
+    assert any(n.startswith("--allow-overlap: test split 'test' and meta-training split 'train' share 6")
+               for n in got["notes"])
+
+
+def test_backbone_training_classes_are_refused_as_test_classes(tmp_path):
+    path = _overlap_store(tmp_path / "seen.zarr", provenance={"checkpoint_classes": ["c2", "c0", "elsewhere"]})
+    common = dict(shots=(1,), episodes=4, quiet=True, ways=3, open_ways=2, queries=5, threshold="median")
+    with pytest.raises(UserError, match=r"^test split 'test' and the backbone's training classes \(provenance "
+                                        r"checkpoint_classes\) share 2 class\(es\): c0, c2; pass --allow-overlap"):
+        run_fsor(path, heads=("protonet",), **common)
+    got = run_fsor(path, heads=("protonet",), allow_overlap=True, **common)
+    assert any("backbone's training classes" in n and "c0, c2" in n for n in got["notes"])
+    # a test split without those classes (val: classes 6-9) passes
+    clean = run_fsor(path, split="val", heads=("protonet",), **{**common, "ways": 2})
+    assert clean["heads"]["protonet"]["1-shot"]["episodes"] == 4 and not any("overlap" in n for n in clean["notes"])
+
+
+def test_val_split_equal_to_the_test_split_is_refused(store_path):
+    for allow in (False, True):
+        with pytest.raises(UserError, match="--val-split 'test' is the test split: the F1 threshold"):
+            run_fsor(store_path, val_split="test", episodes=4, shots=(1,), quiet=True, allow_overlap=allow)
+
+
+class NaNDummy(ProtoNet):
+    """ProtoNet with the distance score, NaN for every query of an episode whose first query has x[0] > 0."""
+
+    def logits_and_open_score(self, features):
+        logits, scores = super().logits_and_open_score(features)
+        bad = features[..., :1, 0] > 0  # [E, 1]
+        return logits, torch.where(bad, torch.full_like(scores, float("nan")), scores)
+
+
+def test_episodes_averaged_are_counted_when_some_scores_are_nan(tmp_path):
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    if "test_nan_dummy" not in HEADS:
+        register_head("test_nan_dummy")(NaNDummy)
+    path = _hard_store(tmp_path / "hard.zarr")
+    out = tmp_path / "nan"
+    E = 60
+    got = run_fsor(path, heads=("test_nan_dummy",), head_options=("test_nan_dummy.unknown_score=distance",),
+                   shots=(1,), episodes=E, episode_batch=16, queries=6, open_ways=5, ways=5, seed=2, quiet=True,
+                   out=out)
+    entry = got["heads"]["test_nan_dummy"]["1-shot"]
+    x = FeatureStore.open(path).load_features().astype(np.float64)
+    ep = np.load(out / "episodes_1shot.npz")
+    bad = x[ep["query"][:, 0], 0] > 0
+    assert 0 < bad.sum() < E  # some episodes, not all
+    good = ~bad
+    assert entry["acc"]["episodes"] == E  # the logits are finite everywhere
+    for m in ("auroc", "oscr", "aupr_out", "fpr95tpr", "f1_macro", "f1_paper"):  # median rule: it uses the scores
+        assert entry[m]["episodes"] == good.sum(), m
+    assert entry["episodes"] == good.sum() and entry["dropped"]["auroc"] == bad.sum()
+    assert "acc" not in entry["dropped"]
+    assert any(f"auroc {bad.sum()}" in n and f"of {E} episodes left out" in n for n in got["notes"])
+    assert json.loads((out / "results.json").read_text())["config"]["episodes"] == E
+    # the means are those of the good episodes, computed here with scikit-learn
+    protos = x[ep["support"]]  # [E, 5, D]: 1-shot, class-major
+    q = x[ep["query"]]
+    score = ((q[:, :, None] - protos[:, None]) ** 2).sum(-1).min(-1)  # nearest prototype's squared distance
+    unknown = ep["query_labels"] < 0
+    auroc = [roc_auc_score(unknown, score[e]) for e in np.flatnonzero(good)]
+    assert entry["auroc"]["mean"] == pytest.approx(100 * np.mean(auroc), abs=1e-6)
+    fpr95 = []
+    for e in np.flatnonzero(good):
+        f, t, _ = roc_curve(~unknown, -score[e], drop_intermediate=False)
+        fpr95.append(f[np.argmax(t >= 0.95)])
+    assert entry["fpr95tpr"]["mean"] == pytest.approx(100 * np.mean(fpr95), abs=1e-6)
+
+
+def _unsplit_store(path: Path, provenance: dict | None = None, splits: dict | None = None, views: int = 0) -> Path:
+    """12 clusters c0..c11 x 20 rows x 8 dims, ``views`` views; ``splits`` {name: classes} (none by default)."""
+    rng = np.random.default_rng(12)
+    labels = np.repeat(np.arange(12), 20)
+    x = (rng.standard_normal((12, 8))[labels] * 3 + rng.standard_normal((len(labels), 8))).astype(np.float32)
+    rows = {name: np.flatnonzero(np.isin(labels, cs)) for name, cs in (splits or {}).items()}
+    v = (x[None] + 0.05 * rng.standard_normal((views, *x.shape))).astype(np.float32) if views else None
+    store = FeatureStore.create(path, Layout(n=len(labels), dim=8, dtype="float32", chunk_rows=64, views=views),
+                                fingerprint={"model": "fsor-unsplit-test"}, classes=[f"c{i}" for i in range(12)],
+                                labels=labels, ids=[f"s{i}" for i in range(len(labels))], splits=rows or None,
+                                provenance=provenance)
+    for c in range(store.n_chunks):
+        lo, hi = store.chunk_range(c)
+        store.write_chunk(c, x[lo:hi], views=None if v is None else v[:, lo:hi])
+    store.close()
+    return path
+
+
+def test_without_splits_the_test_classes_are_those_the_backbone_was_not_trained_on(tmp_path):
+    seen = ["c0", "c3", "c1", "c5", "c2", "c4", "not-in-this-store"]  # extraction's record: c0..c5 and one other
+    path = _unsplit_store(tmp_path / "unsplit.zarr", provenance={"checkpoint_classes": seen})
+    out = tmp_path / "out"
+    proc = cli("--store", path, "--ways", 3, "--open-ways", 2, "--queries", 5, "--shots", "1,5", "--episodes", 40,
+               "--episode-batch", 16, "--seed", 4, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = proc.stdout.splitlines()[0]
+    assert ("on the 6 classes the backbone was not trained on (c6, c7, c8, c9, c10 and 1 more; provenance "
+            "checkpoint_classes)") in first, first
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["split"] is None and data["config"]["test_classes"] == [f"c{i}" for i in range(6, 12)]
+    line = ("no --split and the store has no split 'test': the test episodes are drawn from the 6 classes the "
+            "backbone was not trained on (provenance checkpoint_classes: 7 classes, 6 of them in this store): "
+            "c6, c7, c8, c9, c10, c11")
+    assert data["metrics"]["notes"][0] == line
+    assert f"- {line}" in (out / "results.md").read_text()
+    labels = FeatureStore.open(path).labels
+    unseen = set(range(6, 12))
+    for k in (1, 5):
+        ep = np.load(out / f"episodes_{k}shot.npz")
+        assert set(np.unique(ep["classes"])) | set(np.unique(ep["open_classes"])) == unseen  # all six, only them
+        assert set(labels[ep["support"]].ravel()) <= unseen and set(labels[ep["query"]].ravel()) == unseen
+        entry = data["metrics"]["heads"]["protonet"][f"{k}-shot"]
+        assert entry["episodes"] == 40 and entry["decision"] == "median"  # no val split: the median rule
+    # the same episodes as a split holding exactly those rows
+    split = _unsplit_store(tmp_path / "split.zarr", provenance={"checkpoint_classes": seen},
+                           splits={"held": list(range(6, 12))})
+    common = dict(ways=3, open_ways=2, queries=5, shots=(1,), episodes=40, episode_batch=16, seed=4, quiet=True)
+    a = run_fsor(path, **common)["heads"]["protonet"]["1-shot"]
+    b = run_fsor(split, split="held", **common)["heads"]["protonet"]["1-shot"]
+    assert a == b
+
+
+def test_without_a_test_split_the_splits_in_use_are_left_out_of_the_default_test_classes(tmp_path):
+    path = _unsplit_store(tmp_path / "val.zarr", provenance={"checkpoint_classes": ["c0", "c1", "c2"]},
+                          splits={"val": [3, 4, 5, 6]})
+    common = dict(ways=2, open_ways=2, queries=5, shots=(1,), episodes=8, quiet=True, out=None)
+    got = run_fsor(path, **common)  # the val split sets the threshold: its classes are no test classes
+    assert got["notes"][0].endswith("(provenance checkpoint_classes: 3 classes, 3 of them in this store), less the "
+                                    "4 of validation split 'val': c7, c8, c9, c10, c11")
+    assert got["heads"]["protonet"]["1-shot"]["decision"].startswith("val (threshold")
+    median = run_fsor(path, threshold="median", **common)  # nothing uses the val split
+    assert median["notes"][0].endswith("(provenance checkpoint_classes: 3 classes, 3 of them in this store): c3, "
+                                       "c4, c5, c6, c7, c8, c9, c10, c11")
+    # a meta-trained head: the meta-training and validation splits' classes are left out too
+    if "test_meta_dummy" not in HEADS:
+        register_head("test_meta_dummy")(MetaDummy)
+    meta = _unsplit_store(tmp_path / "meta.zarr", provenance={"checkpoint_classes": ["c0", "c1", "c2"]},
+                          splits={"train": [3, 4, 5], "val": [6, 7]}, views=2)
+    out = tmp_path / "meta"
+    got = run_fsor(meta, heads=("test_meta_dummy",), **{**common, "out": out})
+    assert got["notes"][0].endswith("less the 3 of meta-training split 'train' and the 2 of validation split "
+                                    "'val': c8, c9, c10, c11")
+    ep = np.load(out / "episodes_1shot.npz")
+    assert set(np.unique(np.concatenate([ep["classes"], ep["open_classes"]], 1))) == {8, 9, 10, 11}
+    # a split named by the user is taken as it is, and the refusals still hold
+    with pytest.raises(UserError, match=r"^test split 'val' and the backbone's training classes"):
+        run_fsor(_unsplit_store(tmp_path / "seen.zarr", provenance={"checkpoint_classes": ["c3"]},
+                                splits={"val": [3, 4, 5, 6, 7]}), split="val", **{**common, "threshold": "median"})
+
+
+def test_without_splits_or_provenance_the_error_names_the_options(tmp_path):
+    path = _unsplit_store(tmp_path / "bare.zarr")
+    out = tmp_path / "out"
+    proc = cli("--store", path, "--ways", 3, "--open-ways", 2, "--episodes", 4, "--out", out, "--quiet")
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line, line
+    assert "has no split 'test'" in line and "provenance checkpoint_classes" in line
+    assert "pass --split NAME" in line and "featstore split" in line, line
+    assert not out.exists()
+    # every class seen by the backbone: nothing left to test on
+    every = _unsplit_store(tmp_path / "every.zarr", provenance={"checkpoint_classes": [f"c{i}" for i in range(12)]})
+    with pytest.raises(UserError, match=r"trained on every class of store .* pass --split NAME"):
+        run_fsor(every, ways=3, open_ways=2, episodes=4, quiet=True)
+    # a meta-training head on a store without a train split: the options to pass, in one line
+    if "test_meta_dummy" not in HEADS:
+        register_head("test_meta_dummy")(MetaDummy)
+    seen = _unsplit_store(tmp_path / "seen.zarr", provenance={"checkpoint_classes": ["c0", "c1"]})
+    with pytest.raises(UserError, match=r"needs meta-training.*no split 'train'.*give --train-split .*--val-split.*"
+                                        r"featstore split"):
+        run_fsor(seen, heads=("test_meta_dummy",), ways=3, open_ways=2, episodes=4, quiet=True)

@@ -185,6 +185,8 @@ def test_cli_frozen_backbone_stays_bit_identical(tiny, tmp_path, frozen):
     ({"test_split": "nosuch"}, "unknown split 'nosuch'"),
     ({"checkpoint": "missing.pt"}, "not found"),
     ({"queries": 9}, "--train-rule, --ways"),
+    ({"test_split": "background"}, "--test-split 'background' and the base classes of --train-rule 'drawer<=6' share "
+                                   "14 class(es): "),
 ])
 def test_bad_arguments_exit_2_with_one_line(tiny, tmp_path, monkeypatch, capsys, change, needle):
     from bench import cli
@@ -197,6 +199,21 @@ def test_bad_arguments_exit_2_with_one_line(tiny, tmp_path, monkeypatch, capsys,
     assert stop.value.code == 2
     assert err.count("\n") == 1 and err.startswith("bench: error:") and needle in err, err
     assert not (tmp_path / "bad").exists()  # nothing written for a bad request
+
+
+def test_overlapping_class_sets_are_refused_or_recorded(tiny, tmp_path):
+    from bench.fsor_finetune import check_class_sets
+
+    assert check_class_sets(config(tiny, tmp_path / "ok")) == []  # evaluation classes: novel
+    cfg = config(tiny, tmp_path / "x", train_rule="class<7", val_rule="class>=7", test_split="background")
+    with pytest.raises(UserError, match=r"base classes of --train-rule 'class<7' share 7 class\(es\): .*and 2 "
+                                        r"more; pass --allow-overlap"):
+        check_class_sets(cfg)
+    notes = check_class_sets(replace(cfg, allow_overlap=True))
+    assert len(notes) == 3 and all(n.startswith("--allow-overlap: --test-split 'background' and ") for n in notes)
+    assert "base classes of --train-rule 'class<7' share 7 class(es)" in notes[0]
+    assert "validation classes of --val-rule 'class>=7' share 7 class(es)" in notes[1]
+    assert "the classes checkpoint parent.pt was trained on share 14 class(es)" in notes[2]
 
 
 def test_select_rows_rules(tiny):

@@ -37,9 +37,39 @@ def test_auroc_aupr_fpr95_match_sklearn():
         assert M.aupr(s, y) == pytest.approx(average_precision_score(y, s), abs=1e-12)
         assert M.aupr(s, y, positive="known") == pytest.approx(average_precision_score(~y, -s), abs=1e-12)
         fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-        assert M.fpr_at_95tpr(s, y) == pytest.approx(fpr[np.argmax(tpr >= 0.95)], abs=1e-12)
         f, t = M.roc_points(s, y)
         assert np.allclose(f, fpr) and np.allclose(t, tpr)
+
+
+def test_fpr_at_95tpr_is_the_ood_convention_against_roc_curve():
+    """FPR@95TPR: knowns positive (score -s), the first ROC point with TPR >= 0.95, on random and tied scores."""
+    rng = np.random.default_rng(11)
+    extra = [(rng.integers(0, 3, 200).astype(float), rng.random(200) < 0.5) for _ in range(20)]  # heavy ties
+    for s, y in cases() + extra:
+        fpr, tpr, thr = roc_curve(~y, -s, drop_intermediate=False)
+        i = np.argmax(tpr >= 0.95)
+        assert M.fpr_at_95tpr(s, y) == pytest.approx(fpr[i], abs=1e-12)
+        # the same by counting: t = the smallest open score accepting >= 95% of the knowns (ties at t accepted)
+        t = np.sort(s[~y])[int(np.ceil(0.95 * (~y).sum() - 1e-9)) - 1]
+        assert -thr[i] == t and M.fpr_at_95tpr(s, y) == pytest.approx((s[y] <= t).mean(), abs=1e-12)
+        # the reverse reading keeps its own name
+        fpr_u, tpr_u, _ = roc_curve(y, s, drop_intermediate=False)
+        assert M.known_rejection_at_95_unknown_recall(s, y) == pytest.approx(fpr_u[np.argmax(tpr_u >= 0.95)],
+                                                                            abs=1e-12)
+
+
+def test_fpr_at_95tpr_toy_case():
+    """100 knowns, 100 unknowns (open scores): at 95% of knowns accepted (t = 1.9) the unknowns at 0.5 and 1.5
+    are accepted: FPR@95TPR = 10/100. Flagging 95% of the unknowns instead (t = 1.5) rejects 44 + 5 knowns:
+    0.49, the reverse reading."""
+    known = np.r_[np.linspace(0.0, 0.4, 51), np.linspace(1.6, 1.9, 44), np.full(5, 6.0)]
+    unknown = np.r_[np.full(5, 0.5), np.full(5, 1.5), np.full(90, 5.0)]
+    s = np.r_[known, unknown]
+    y = np.r_[np.zeros(100, bool), np.ones(100, bool)]
+    assert M.fpr_at_95tpr(s, y) == pytest.approx(0.10, abs=1e-12)
+    assert M.known_rejection_at_95_unknown_recall(s, y) == pytest.approx(0.49, abs=1e-12)
+    fpr, tpr, _ = roc_curve(~y, -s)  # scikit-learn's defaults, knowns positive
+    assert fpr[np.argmax(tpr >= 0.95)] == pytest.approx(0.10)
 
 
 def test_torch_input_and_degenerate_episodes():
@@ -126,7 +156,11 @@ def test_batched_equal_per_episode_loops():
     batched = {
         "auroc": (M.batched_auroc(st, ut), lambda e: M.auroc(scores[e], unknown[e])),
         "aupr": (M.batched_aupr(st, ut), lambda e: M.aupr(scores[e], unknown[e])),
-        "fpr95": (M.batched_fpr_at_95tpr(st, ut), lambda e: M.fpr_at_95tpr(scores[e], unknown[e])),
+        "fpr95": (M.batched_fpr_at_95tpr(st, ut),
+                  lambda e: (lambda f, t, _: f[np.argmax(t >= 0.95)])(*roc_curve(~unknown[e], -scores[e],
+                                                                                  drop_intermediate=False))),
+        "known_rejection": (M.batched_known_rejection_at_95_unknown_recall(st, ut),
+                            lambda e: M.known_rejection_at_95_unknown_recall(scores[e], unknown[e])),
         "oscr": (M.batched_oscr(st, ut, correct), lambda e: oscr_reference(scores[e], unknown[e], correct[e])),
         "f1": (M.batched_open_macro_f1(pred, labels, N), lambda e: M.open_macro_f1(pred[e], labels[e], N)),
         "paper": (M.batched_paper_f1(pred, labels, N), lambda e: M.paper_f1(pred[e], labels[e], N)),

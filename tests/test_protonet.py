@@ -19,7 +19,11 @@ def test_unknown_score_keeps_its_old_name_as_an_option():
     # the hyper-parameter was called open_score, like the method; benches still accept that spelling
     head = create_head("protonet", open_score="distance")
     assert head.unknown_score == "distance" and callable(head.open_score)
-    assert ProtoNet().unknown_score == "msp"
+    # the default open score is the distance to the nearest prototype (below chance by max-softmax on saturated
+    # Euclidean logits); the papers' max-softmax stays available by name, under both spellings
+    assert ProtoNet().unknown_score == "distance" and ProtoNet().get_params()["unknown_score"] == "distance"
+    assert create_head("protonet", open_score="msp").unknown_score == "msp"
+    assert create_head("protonet", unknown_score="msp").unknown_score == "msp"
     cos = ProtoNet(metric="cosine")
     assert cos.temperature is None and cos.scale_temperature == 0.1
     back = cos.set_params(metric="euclidean")  # the default temperature follows the metric
@@ -29,7 +33,7 @@ def test_unknown_score_keeps_its_old_name_as_an_option():
 def test_logits_by_hand():
     support = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]], dtype=np.float32)
     labels = np.array([0, 0, 1])
-    head = ProtoNet(temperature=2.0).fit(support, labels)
+    head = ProtoNet(temperature=2.0, unknown_score="msp").fit(support, labels)
     assert head.prototypes_.tolist() == [[1.0, 0.0], [0.0, 4.0]]
     q = torch.tensor([[1.0, 1.0], [0.0, 3.0]])
     # squared distances: q0 -> (0+1, 1+9) = (1, 10); q1 -> (1+9, 0+1) = (10, 1); logits = -d2 / 2
@@ -40,6 +44,8 @@ def test_logits_by_hand():
                           torch.tensor([0.5, 0.5]))
     assert torch.allclose(ProtoNet(unknown_score="distance").fit(support, labels).open_score(q),
                           torch.tensor([1.0, 1.0]))
+    # the default: the Euclidean distance to the nearest prototype, whatever the temperature
+    assert torch.allclose(ProtoNet(temperature=2.0).fit(support, labels).open_score(q), torch.tensor([1.0, 1.0]))
     assert head.predict(q).tolist() == [0, 1]
     cos = ProtoNet(metric="cosine").fit(support, labels)  # default temperature 0.1
     # q0 = (1, 1): cos with (1, 0) and (0, 1) = 1/sqrt(2) each

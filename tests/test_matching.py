@@ -184,3 +184,70 @@ def test_lowshot_support_layout():
     torch.testing.assert_close(feats[280:], torch.from_numpy(np.tile(novel_x, (27, 1))))
     head = MatchingNetwork(steps=1).fit_lowshot(base_x, base_y, novel_x, novel_y, n_classes=5)
     assert head.logits(novel_x).shape == (6, 5)
+
+
+def _np_lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One LSTM step in float64 numpy, PyTorch's gate order (i, f, g, o)."""
+    z = x @ w_ih.T + h @ w_hh.T + b_ih + b_hh
+    i, f, g, o = np.split(z, 4, axis=-1)
+    sig = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
+    c = sig(f) * c + sig(i) * np.tanh(g)
+    return sig(o) * np.tanh(c), c
+
+
+def test_fce_lowshot_logits_equal_the_original_formulas():
+    """The benchmark's test-time scoring with full-context embeddings, transcribed from the original code
+    (matching_network.py of low-shot-shrink-hallucinate: encode_training_set, FullyContextualEmbedding.forward,
+    get_logprobs, encode_lowshot_trainset) in float64 numpy with the head's own weights: G = S + h_fwd + h_bwd of
+    the biLSTM over the whole support sequence, G_norm = G / (|G| + 1e-5), K attention steps over the unnormalised
+    G with [f, r] as the cell input and h + f, scores F G_normᵀ, log(softmax(scores) Y) with one-hot Y over all
+    classes (log 0 = -inf for classes without support)."""
+    rng = np.random.default_rng(8)
+    d, C = 6, 7
+    base_y = np.repeat([0, 2, 5], [12, 9, 10])
+    base_x = rng.standard_normal((base_y.size, d)).astype(np.float32)
+    novel_y = np.array([1, 3, 3, 1])
+    novel_x = rng.standard_normal((4, d)).astype(np.float32)
+    queries = rng.standard_normal((5, d)).astype(np.float32)
+    head = MatchingNetwork(steps=3, seed=2).fit_lowshot(base_x, base_y, novel_x, novel_y, per_class=8, seed=1,
+                                                        n_classes=C)
+    got = head.logits(queries).numpy().astype(np.float64)
+    S, labels = (t.numpy().astype(np.float64) for t in lowshot_support(base_x, base_y, novel_x, novel_y,
+                                                                      per_class=8, seed=1))
+    p = {k: v.detach().numpy().astype(np.float64) for k, v in head.net_.state_dict().items()}
+    s = len(S)
+    fwd, bwd = np.zeros((s, d)), np.zeros((s, d))
+    h = c = np.zeros(d)
+    for t in range(s):
+        h, c = _np_lstm_step(S[t], h, c, *(p[f"encoder.{k}_l0"] for k in ("weight_ih", "weight_hh", "bias_ih",
+                                                                          "bias_hh")))
+        fwd[t] = h
+    h = c = np.zeros(d)
+    for t in reversed(range(s)):
+        h, c = _np_lstm_step(S[t], h, c, *(p[f"encoder.{k}_l0_reverse"] for k in ("weight_ih", "weight_hh",
+                                                                                  "bias_ih", "bias_hh")))
+        bwd[t] = h
+    G = S + fwd + bwd
+    G_norm = G / (np.linalg.norm(G, axis=1, keepdims=True) + 1e-5)
+    f = queries.astype(np.float64)
+    h, c = f, np.zeros_like(f)
+    cell = [p[f"cell.{k}"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    for _ in range(3):
+        logit_a = h @ G.T
+        a = np.exp(logit_a - logit_a.max(1, keepdims=True))
+        a /= a.sum(1, keepdims=True)
+        h, c = _np_lstm_step(np.concatenate([f, a @ G], axis=1), h, c, *cell)
+        h = h + f
+    scores = h @ G_norm.T
+    sm = np.exp(scores - scores.max(1, keepdims=True))
+    sm /= sm.sum(1, keepdims=True)
+    Y = np.zeros((s, C))
+    Y[np.arange(s), labels.astype(np.int64)] = 1
+    with np.errstate(divide="ignore"):
+        want = np.log(sm @ Y)
+    # the support: 8 of each base class's rows, the 2 examples per novel class tiled ceil(8 / 2) = 4 times
+    assert s == 3 * 8 + 4 * 4
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    assert np.isinf(want[:, [4, 6]]).all() and np.isfinite(want[:, [0, 1, 2, 3, 5]]).all()
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-5)

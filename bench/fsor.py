@@ -513,13 +513,22 @@ def run_fsor(store_path: str | os.PathLike, *, split: str | None = None, ways: i
     if batch is not None:
         episode_batch = batch
     shots = tuple(parse_shots(shots if isinstance(shots, str) else list(shots)))
-    with thread_limits(threads):
+    with thread_limits(threads, work=episode_work(store_path, int(episode_batch), ways, open_ways, queries)):
         return _run_fsor(store_path, split=split, ways=ways, shots=shots, open_ways=open_ways, queries=queries,
                          episodes=episodes, heads=tuple(heads), head_options=tuple(head_options), seed=seed,
                          episode_batch=int(episode_batch), device=device, threads=threads, out=out,
                          views_per_support=views_per_support, threshold=threshold, train_split=train_split,
                          val_split=val_split, quiet=quiet, chunk=chunk, echo=echo, ready_heads=ready_heads,
                          allow_overlap=bool(allow_overlap), extra_notes=tuple(notes))
+
+
+def episode_work(store_path, episode_batch: int, ways: int, open_ways: int, queries: int) -> float:
+    """Multiply-adds of the largest product of one episode batch, ``[E, N, d] x [E, d, (N + M) * Q]`` (prototypes
+    against queries), which :func:`featstore.runtime.default_threads` turns into a thread count."""
+    from featstore.store import FeatureStore
+
+    dim = FeatureStore.open(store_path).dim
+    return float(episode_batch) * max(ways, 1) * (ways + open_ways) * queries * dim
 
 
 def _run_fsor(store_path, *, split, ways, shots, open_ways, queries, episodes, heads, head_options, seed,

@@ -28,7 +28,8 @@ head happen in one process; the logreg head trains them as one batched program. 
 paper's per-representation values (:func:`bench.lowshot_adapter.default_hparams`).
 
 Outputs in ``--out`` (:mod:`bench.lowshot_report`, written by :func:`bench.report.write_results`):
-``results.json``, ``lowshot.md`` (the paper's layout: rows = head, columns = n, novel top-5 first),
+``results.json``, ``lowshot.md`` (the paper's layout: rows = head, columns = n, novel top-5 first; top-1 first below 50
+classes, :func:`bench.lowshot_report.lead_metrics`),
 ``lowshot_novel_top5.png``, ``protocol.json`` and the generated split files.
 """
 
@@ -59,7 +60,7 @@ from bench.lowshot_splits import (
 )
 from featstore.errors import UserError
 from featstore.rules import rule_mask
-from featstore.runtime import check_threads, progress_bar, resolve_device, thread_limits
+from featstore.runtime import check_threads, chosen_threads, progress_bar, resolve_device, thread_limits
 
 __all__ = ["ADAPTERS", "ALIASES", "LowShotConfig", "LowShotMethod", "LowShotRun", "LowShotContext", "run_lowshot",
            "build_protocol", "check_store", "trailing_zero_rows", "rule_mask", "topk_hits", "subset_accuracies",
@@ -109,6 +110,18 @@ def subset_accuracies(hits: np.ndarray, labels: np.ndarray, base: Sequence[int],
         for i, k in enumerate((1, 5)):
             out[f"{part}_top{k}"] = 100.0 * float(hits[i][mask].mean()) if mask.any() else float("nan")
     return out
+
+
+def novel_as_base(logits, labels: np.ndarray, base: Sequence[int], novel: Sequence[int]) -> float:
+    """Percent of the test images of novel classes whose top-1 class is a base class (why a head's novel accuracy
+    may not climb with n: its base classes win whatever the novel examples)."""
+    import torch
+
+    is_novel = np.isin(labels, np.asarray(novel, dtype=np.int64))
+    if not is_novel.any():
+        return float("nan")
+    pred = torch.as_tensor(logits).argmax(dim=1).cpu().numpy()
+    return 100.0 * float(np.isin(pred[is_novel], np.asarray(base, dtype=np.int64)).mean())
 
 
 # ================================================================================================== configuration
@@ -257,12 +270,31 @@ def check_config(cfg: LowShotConfig) -> list[int]:
 def run_lowshot(cfg: LowShotConfig, echo: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark; write results.json, lowshot.md and the PNG into ``cfg.out``; return the metrics."""
     ns = check_config(cfg)
-    # torch, numpy's BLAS (the CPU products of the logreg head) and FAISS; None leaves them as they are
-    with thread_limits(cfg.threads):
-        return _run_lowshot(cfg, ns, echo or (lambda msg: None))
+    threads = chosen_threads(cfg.threads, lowshot_work(cfg, ns))
+    # torch, numpy's BLAS (the CPU products of the logreg head) and FAISS: --threads, else one thread for small
+    # problems (featstore.runtime.default_threads); the analogy generator's training runs under the same setting
+    with thread_limits(threads):
+        return _run_lowshot(cfg, ns, echo or (lambda msg: None), threads)
 
 
-def _run_lowshot(cfg: LowShotConfig, ns: list[int], say: Callable[[str], None]) -> dict:
+def lowshot_work(cfg: LowShotConfig, ns: Sequence[int]) -> float:
+    """Multiply-adds of the largest matrix product of one step of the run (what
+    :func:`featstore.runtime.default_threads` sizes the thread pools by): the logreg heads' logits of a batch for
+    all classifiers trained together, ``rows x d x (P x C)`` (rows = the batch for SGD, a block of the base pool
+    for L-BFGS), or the analogy generator's hidden layer (batch 128 x d x 512), whichever is larger."""
+    from featstore.store import FeatureStore
+
+    store = FeatureStore.open(cfg.store)
+    d, C = int(store.dim), len(store.classes)
+    P = cfg.experiments * len(ns)
+    if cfg.max_problems:
+        P = min(P, cfg.max_problems)
+    rows = cfg.batch_size if cfg.solver == "sgd" else min(8192, store.n)
+    return float(max(rows * d * P * C, 128 * d * 512))
+
+
+def _run_lowshot(cfg: LowShotConfig, ns: list[int], say: Callable[[str], None], threads: int | None = None
+                 ) -> dict:
     import torch
 
     from bench.report import mean_ci95, write_results
@@ -346,6 +378,7 @@ def _run_lowshot(cfg: LowShotConfig, ns: list[int], say: Callable[[str], None]) 
                                         f"[{len(test_rows)}, {C}] (test images x all classes)")
                     hits = topk_hits(scores, y_test, ks=(1, 5))
                     acc = subset_accuracies(hits, y_test, base, novel)
+                    acc["novel_as_base"] = novel_as_base(scores, y_test, base, novel)
                     records.append({"method": name, "setup": cfg.setup, "experiment": run.experiment, "n": run.n,
                                     "seed": run.seed, "novel_train_images": int(len(run.rows)), **acc})
         except (ValueError, FloatingPointError) as exc:
@@ -376,6 +409,7 @@ def _run_lowshot(cfg: LowShotConfig, ns: list[int], say: Callable[[str], None]) 
         "notes": protocol.notes + head_cache.notes
         + ["95% CI: Student t over experiments (an extension; the paper reports means)"],
         "seconds": {"total": time.perf_counter() - t_start, "load": t_load},
+        "threads": threads,
     }
     title = f"{Path(cfg.store).name}: setup {cfg.setup}, {cfg.experiments} experiment(s), 95% CI"
     write_results(out, "lowshot", cfg.to_json(), metrics, store=store, markdown=markdown_report(cfg, metrics, ns),
@@ -464,8 +498,8 @@ def _explicit(ctx: click.Context) -> tuple[str, ...]:
 @click.option("--allow-seen-novel", is_flag=True, help="Allow novel classes the backbone was trained on.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None,
-              help="CPU threads for torch, numpy's BLAS and FAISS [default: theirs]; 1 is often fastest for small "
-                   "stores on a busy machine.")
+              help="CPU threads for torch, numpy's BLAS and FAISS [default: 1 when the largest matrix product of a "
+                   "step is below 1e8 multiply-adds (small stores, few classes), else all usable cores].")
 @click.option("--quiet", is_flag=True, help="No progress bar or messages.")
 @click.pass_context
 def lowshot_command(ctx, store, n_spec, heads, experiments, setup, train_split, test_split, train_rule, test_rule,

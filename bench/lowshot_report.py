@@ -1,5 +1,6 @@
 """The report of ``bench lowshot``: per-n summaries with 95% CIs, the markdown tables in the paper's layout
-(Hariharan & Girshick, ICCV 2017, table 1: novel top-5 for every n, then all top-5) and the novel top-5 plot.
+(Hariharan & Girshick, ICCV 2017, table 1: novel top-5 for every n, then all top-5; top-1 first for
+classifiers over fewer than 50 classes, where top-5 is near 100% for every head) and the novel top-5 plot.
 They are written through :func:`bench.report.write_results`."""
 
 from __future__ import annotations
@@ -50,6 +51,52 @@ def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.2f} ± {stat['ci95']:.2f}"
 
 
+#: top-5 leads the tables (the paper's layout, ImageNet's 1,000 classes) only where 5 guesses are at most this
+#: share of the classifier's classes; with fewer classes top-5 is near 100% for every head and top-1 leads
+TOP5_LEADS_UP_TO = 0.1
+
+
+def lead_metrics(num_classes: int) -> tuple[str, str]:
+    """The two metrics the report leads with for a classifier over ``num_classes`` classes: ("novel_top5",
+    "all_top5") where 5 guesses cover at most :data:`TOP5_LEADS_UP_TO` of them (50 classes or more), else
+    ("novel_top1", "all_top1")."""
+    k = "top5" if 5 <= TOP5_LEADS_UP_TO * num_classes else "top1"
+    return f"novel_{k}", f"all_{k}"
+
+
+def flat_heads(metrics: dict, ns: Sequence[int]) -> list[str]:
+    """Lines for the heads whose novel top-1 does not climb with n (mean at the largest n not above the mean at
+    the smallest), with the share of novel test images they assign to a base class at both ends."""
+    if len(ns) < 2:
+        return []
+    lines = []
+    for method, per in metrics["summary"].items():
+        lo, hi = per[f"n={ns[0]}"]["novel_top1"]["mean"], per[f"n={ns[-1]}"]["novel_top1"]["mean"]
+        if not (math.isfinite(lo) and math.isfinite(hi)) or hi > lo:
+            continue
+        share = {n: [r["novel_as_base"] for r in metrics["runs"] if r["method"] == method and r["n"] == n
+                     and "novel_as_base" in r] for n in (ns[0], ns[-1])}
+        why = ""
+        if share[ns[0]] and share[ns[-1]]:
+            a, b = float(np.mean(share[ns[0]])), float(np.mean(share[ns[-1]]))
+            why = (f": {a:.0f}% of the novel test images are classified as a base class at n={ns[0]} and "
+                   f"{b:.0f}% at n={ns[-1]}, so more novel examples do not change which classes win")
+        lines.append(f"- **{method}**: novel top-1 does not improve with n ({lo:.1f}% at n={ns[0]}, {hi:.1f}% at "
+                     f"n={ns[-1]}){why}.")
+    return lines
+
+
+def timing_line(metrics: dict) -> str:
+    """Seconds per head (training every classifier and scoring the test images; what ``prepare`` trains once per
+    store, e.g. a generator or a matching network, in brackets)."""
+    parts = []
+    for method, info in metrics["methods"].items():
+        prep = info.get("prepare_seconds")
+        extra = f" (of which {prep:.1f} s training what it reuses for every run)" if prep and prep >= 0.05 else ""
+        parts.append(f"{method} {info['seconds']:.1f} s{extra}")
+    return "Time on the cached features: " + "; ".join(parts) + f"; {metrics['seconds']['total']:.1f} s in all."
+
+
 def markdown_report(cfg, metrics: dict, ns: Sequence[int]) -> str:
     p = metrics["protocol"]
     summary = metrics["summary"]
@@ -63,20 +110,32 @@ def markdown_report(cfg, metrics: dict, ns: Sequence[int]) -> str:
                                                             if k in _SHOWN_HPARAMS)
                                   for m, info in metrics["methods"].items())
              + f" (defaults from {metrics['hparams']['table_7_6']['why']}); seed {cfg.seed}.", ""]
-    # The paper's Table 1 layout: novel top-5 for every n, then all top-5.
+    if "seconds" in metrics and all("seconds" in info for info in metrics["methods"].values()):
+        lines += [timing_line(metrics), ""]
+    # The paper's Table 1 layout (novel top-5 for every n, then all top-5) where top-5 discriminates; top-1
+    # otherwise (lead_metrics)
+    lead = lead_metrics(int(p["classes"]["num_classes"]))
+    titles = dict(TABLE_ORDER)
     cols = {"method": "method"}
-    for key, title in TABLE_ORDER[:2]:
+    for key in lead:
         for n in ns:
-            cols[f"{key}:{n}"] = f"{title.split()[0]} n={n}"
+            cols[f"{key}:{n}"] = f"{titles[key].split()[0]} n={n}"
     rows = []
     for method, per in summary.items():
         row = {"method": method}
-        for key, _ in TABLE_ORDER[:2]:
+        for key in lead:
             for n in ns:
                 row[f"{key}:{n}"] = _fmt(per[f"n={n}"][key])
         rows.append(row)
-    lines += ["## Top-5 accuracy: novel, then all classes (the paper's layout)", "", markdown_table(rows, cols)]
-    for key, title in TABLE_ORDER:
+    k = lead[0].split("_")[1].replace("top", "Top-")
+    why = ("the paper's layout" if k == "Top-5" else
+           f"top-1 leads: with {p['classes']['num_classes']} classes top-5 is near 100% for every head")
+    lines += [f"## {k} accuracy: novel, then all classes ({why})", "", markdown_table(rows, cols)]
+    flat = flat_heads(metrics, ns)
+    if flat:
+        lines += [""] + flat + [""]
+    order = [t for t in TABLE_ORDER if t[0] in lead] + [t for t in TABLE_ORDER if t[0] not in lead]
+    for key, title in order:
         cols = {"method": "method", **{f"n={n}": f"n={n}" for n in ns}, "mean": "mean"}
         rows = [{"method": m, **{c: _fmt(per[c][key]) for c in cols if c != "method"}} for m, per in summary.items()]
         lines += [f"## {title}", "", markdown_table(rows, cols)]

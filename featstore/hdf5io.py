@@ -38,13 +38,15 @@ def export_hdf5(store: FeatureStore | str | os.PathLike, out_path: str | os.Path
     """Write the store's rows (or a split's rows) as ``all_feats`` / ``all_labels`` / ``count``; returns the count.
 
     Features become float32, labels int32. Written to a temporary file beside ``out_path`` and renamed into place,
-    so a failed export leaves no partial file. Refuses a store whose requested rows are not all done.
+    so a failed export leaves no partial file. Refuses a store whose requested rows are not all done, and an
+    ``out_path`` that (symlinks resolved) is the store or lies inside it or any other Zarr store.
     """
     import h5py
 
     if not isinstance(store, FeatureStore):
         store = FeatureStore.open(store)
     out_path = Path(out_path)
+    _refuse_inside_store(out_path, store)
     parent = out_path.parent if str(out_path.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"cannot write {out_path}: the folder {parent} does not exist")
@@ -76,16 +78,46 @@ def export_hdf5(store: FeatureStore | str | os.PathLike, out_path: str | os.Path
     return count
 
 
+def _refuse_inside_store(out_path: Path, store: FeatureStore) -> None:
+    """UserError when ``out_path`` (symlinks resolved) is the store, lies in it, or lies in any Zarr hierarchy.
+
+    Renaming the finished file over ``S.zarr/zarr.json`` or a chunk would destroy or silently change a store."""
+    real = Path(os.path.realpath(out_path))
+    store_real = Path(os.path.realpath(store.path))
+    for folder in (real, *real.parents):
+        if folder == store_real or (folder.is_dir() and any((folder / marker).exists()
+                                                            for marker in ("zarr.json", ".zgroup", ".zarray"))):
+            where = "the store being exported" if folder == store_real else f"the Zarr store {folder}"
+            raise UserError(f"refusing to write {out_path}: it lies inside {where}; write the HDF5 file outside "
+                            "any store")
+
+
 file_sha256 = sha256_file  # the name the bench code uses
+
+
+# Labels above this need a classes file: without one the names "0".."<max label>" are made, and a file with a stray
+# huge label (2**31 - 1) would otherwise ask for billions of them. ImageNet-21k has 21,841 classes.
+MAX_IMPLIED_CLASSES = 100_000
 
 
 def read_hdf5_header(h5) -> tuple[int, int, int]:
     """``(count, rows, dim)`` of an open h5py file in the low-shot layout; UserError when it is not one."""
+    import h5py
+
     name = getattr(h5, "filename", "the file")
     missing = [key for key in HDF5_DATASETS if key not in h5]
     if missing:
         raise UserError(f"{name} is not a low-shot feature file: no dataset(s) {', '.join(missing)} (needs "
                         f"all_feats, all_labels, count)")
+    for key in HDF5_DATASETS:
+        link = h5.get(key, getlink=True)
+        if isinstance(link, h5py.ExternalLink):  # would make h5py open (and read) another file on this machine
+            raise UserError(f"{name}: {key} is a link into another file ({link.filename}); import the file itself")
+        node = h5[key]
+        if not isinstance(node, h5py.Dataset):
+            raise UserError(f"{name}: {key} must be a dataset, not a {type(node).__name__.lower()}")
+        if node.is_virtual or node.external:
+            raise UserError(f"{name}: {key} keeps its data in other files; import a self-contained file")
     feats, labels, count_ds = h5["all_feats"], h5["all_labels"], h5["count"]
     if len(feats.shape) != 2 or feats.shape[1] == 0:
         raise UserError(f"{name}: all_feats must be 2-D [rows, dim], got shape {feats.shape}")
@@ -93,18 +125,39 @@ def read_hdf5_header(h5) -> tuple[int, int, int]:
         raise UserError(f"{name}: all_labels must be 1-D [rows], got shape {labels.shape}")
     if labels.shape[0] != feats.shape[0]:
         raise UserError(f"{name}: all_feats has {feats.shape[0]} rows but all_labels has {labels.shape[0]}")
-    if count_ds.size != 1:
+    if count_ds.shape is None or count_ds.size != 1:
         raise UserError(f"{name}: count must hold one number, got shape {count_ds.shape}")
     if not np.issubdtype(feats.dtype, np.floating) or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{name}: all_feats must be floating point and all_labels integer (got {feats.dtype}, "
                         f"{labels.dtype})")
-    count = int(np.asarray(count_ds[()]).reshape(-1)[0])
+    count = _count_value(count_ds, name)
     rows = int(feats.shape[0])
     if count > rows:
         raise UserError(f"{name}: count is {count} but the file holds only {rows} rows")
     if count <= 0:
         raise UserError(f"{name}: count is {count}; there are no rows to import")
     return count, rows, int(feats.shape[1])
+
+
+def _count_value(count_ds, name: str) -> int:
+    """The integer in ``count``: an integer dtype, or a float holding a whole number (never truncated)."""
+    kind = count_ds.dtype
+    if not (np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.floating)):
+        raise UserError(f"{name}: count must be a number, not {kind}")
+    value = np.asarray(count_ds[()]).reshape(-1)[0]
+    if np.issubdtype(kind, np.floating):
+        if not np.isfinite(value) or value != np.floor(value):
+            raise UserError(f"{name}: count is {float(value):g}, not a whole number of rows")
+    return int(value)
+
+
+def _read(dataset, rows: slice, path: Path) -> np.ndarray:
+    """``dataset[rows]``; a damaged file (a bad chunk, a filter missing here) is one line, not h5py's traceback."""
+    try:
+        return np.asarray(dataset[rows])
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{path}: cannot read {dataset.name.lstrip('/')} rows {rows.start}..{rows.stop - 1} "
+                        f"({' '.join(str(exc).split())[:100]})") from None
 
 
 def import_hdf5(h5_path: str | os.PathLike, out_store_path: str | os.PathLike, classes: Sequence[str] | None = None,
@@ -115,6 +168,10 @@ def import_hdf5(h5_path: str | os.PathLike, out_store_path: str | os.PathLike, c
     Rows >= ``count`` (the originals' zero padding labelled 0) are dropped with a note on stderr. The fingerprint is
     ``{"model": "imported-hdf5", "source_sha256": ..., "dtype": ...}``; ids are ``row/<i>``; classes are the given
     names or ``"0"`` .. ``"<max label>"``. Running it again on an interrupted import resumes it.
+
+    The file is checked before the store is made (UserError, one line): the three names must be datasets of this
+    file (no groups, no links or storage in other files), ``count`` an integer or a float holding a whole number,
+    labels non-negative and, without ``classes``, below ``max(count, MAX_IMPLIED_CLASSES)``.
     """
     import h5py
 
@@ -128,11 +185,19 @@ def import_hdf5(h5_path: str | os.PathLike, out_store_path: str | os.PathLike, c
         raise UserError(f"{h5_path} is not a readable HDF5 file ({' '.join(str(exc).split())[:100]})") from None
     with h5:
         count, rows, dim = read_hdf5_header(h5)
-        labels = np.asarray(h5["all_labels"][:count], dtype=np.int64)
+        labels = _read(h5["all_labels"], slice(0, count), h5_path)
+        if np.issubdtype(labels.dtype, np.unsignedinteger) and labels.max() > np.iinfo(np.int64).max:
+            raise UserError(f"{h5_path}: label {int(labels.max())} does not fit in int64")
+        labels = labels.astype(np.int64)
         if labels.min() < 0:
             raise UserError(f"{h5_path}: negative labels (first at row {int(np.argmax(labels < 0))})")
         n_classes = int(labels.max()) + 1
         if classes is None:
+            bound = max(count, MAX_IMPLIED_CLASSES)
+            if n_classes > bound:
+                raise UserError(f"{h5_path}: label {n_classes - 1} (row {int(np.argmax(labels == n_classes - 1))}) "
+                                f"is implausible for {count} rows; give the class names (--classes, one per line) "
+                                "if there really are that many classes")
             classes = [str(c) for c in range(n_classes)]
         else:
             classes = [str(c) for c in classes]
@@ -157,7 +222,7 @@ def import_hdf5(h5_path: str | os.PathLike, out_store_path: str | os.PathLike, c
                 for i in range(store.n_chunks):
                     lo, hi = store.chunk_range(i)
                     if not done[i]:  # resume: finished chunks are never rewritten
-                        block = np.asarray(feats[lo:hi], dtype=np.float32)
+                        block = _read(feats, slice(lo, hi), h5_path).astype(np.float32, copy=False)
                         store.write_chunk(i, block)
                     bar.update(hi - lo)
         finally:

@@ -60,17 +60,50 @@ def use_all_threads() -> None:
         faiss.omp_set_num_threads(cores)
 
 
+#: multiply-adds of the largest matrix product of one step below which threading does not pay: one thread.
+#: Measured on 2 cores (docs/performance.md, "Thread pools that fit the problem"): a [100, 64] x [64, 250]
+#: product (1.6e6) took 37 us on one thread and 91 us on two; the low-shot SGD loop on the demo's store
+#: (3.2e6 per product, 10,000 small steps) ran 20x longer with two threads than with one, because every product
+#: and every small torch op of a step ends in a barrier that waits for the slowest thread.
+THREAD_WORK_THRESHOLD = 1e8
+
+
+def default_threads(work: float | None) -> int | None:
+    """The thread count for a job whose largest matrix product of one step costs ``work`` multiply-adds.
+
+    ``1`` below :data:`THREAD_WORK_THRESHOLD` (small products: the pools' barriers cost more than they share);
+    else the usable cores, or ``OMP_NUM_THREADS`` when the environment sets it; ``None`` (leave every pool as it
+    is) when the work is not known."""
+    if work is None:
+        return None
+    if work < THREAD_WORK_THRESHOLD:
+        return 1
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    return usable_cores()
+
+
 def check_threads(threads: int | None, option: str = "--threads") -> None:
     if threads is not None and threads < 1:
         raise UserError(f"{option} must be at least 1, not {threads}")
 
 
+def chosen_threads(threads: int | None, work: float | None = None) -> int | None:
+    """What :func:`thread_limits` applies: ``threads`` when given (``--threads``), else :func:`default_threads`
+    of ``work``."""
+    check_threads(threads)
+    return default_threads(work) if threads is None else int(threads)
+
+
 @contextlib.contextmanager
-def thread_limits(threads: int | None) -> Iterator[None]:
+def thread_limits(threads: int | None, work: float | None = None) -> Iterator[None]:
     """The same thread count for torch, numpy's BLAS (threadpoolctl) and FAISS (OpenMP) inside the block.
 
-    ``None`` leaves every pool as it is. The previous settings come back on exit."""
-    check_threads(threads)
+    ``threads`` (``--threads``) wins when given; ``None`` applies :func:`default_threads` of ``work`` (the
+    multiply-adds of the job's largest matrix product per step: one thread for small problems), and leaves every
+    pool as it is when ``work`` is None too. The previous settings come back on exit."""
+    threads = chosen_threads(threads, work)
     if threads is None:
         yield
         return

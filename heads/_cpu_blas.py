@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 BACKENDS = ("auto", "torch", "numpy")
+#: softmax groups of at most this many logits are computed by hand on the CPU (see softmax_of_linear)
+SMALL_SOFTMAX = 32
 
 
 @functools.lru_cache(maxsize=1)
@@ -102,7 +104,15 @@ class Products:
         z = self.linear(x, Wl, bias)
         shape = z.shape
         grouped = (*shape[:-1], groups, shape[-1] // groups)
-        return torch._softmax(z.view(grouped), -1, False, out=self.buffer("softmax", grouped))
+        out = self.buffer("softmax", grouped)
+        if grouped[-1] > SMALL_SOFTMAX or self.device.type != "cpu":
+            return torch._softmax(z.view(grouped), -1, False, out=out)
+        # torch's CPU softmax over a short last dimension runs at about 18 ns an element (a [100, 25, 10] block:
+        # 450 us); max, subtract, exp and a division by the row sums take 80 us for the same block
+        z = z.view(grouped)
+        torch.sub(z, z.amax(-1, keepdim=True), out=out)
+        out.exp_()
+        return out.div_(out.sum(-1, keepdim=True))
 
     def accumulate(self, out: torch.Tensor, g: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
         """``out = beta * out + alpha * g^T x`` in place: g [..., r, C], x [..., r, d], out [..., C, d] float32."""

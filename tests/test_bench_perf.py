@@ -126,3 +126,35 @@ def test_model_sections_quick(name, tmp_path):
     assert all(r["ratio"] > 0 for r in rows if r["reference"] is not None)   # every comparison has its ratio
     assert any(r["ratio"] is not None for r in rows)   # and each section compares something
     assert all(r["passed"] is None for r in rows)  # --quick figures are never judged against a target
+
+
+def test_lowshot_small_store_rows(tmp_path):
+    """The demo-sized case of the lowshot section: the rule picks one thread, the --threads 1 run gives the same
+    accuracies, and the flop rate is the hand count over the head's time."""
+    from bench import perf_lowshot
+
+    captured = {}
+    real = perf_lowshot._loop_against_bare_products
+
+    def spy(*args, **kwargs):
+        captured["args"] = args
+        return real(*args, **kwargs)
+
+    perf_lowshot._loop_against_bare_products = spy
+    try:
+        rows = perf_lowshot.small_store_rows("lowshot", tmp_path, quick=True, iterations=20)
+    finally:
+        perf_lowshot._loop_against_bare_products = real
+    assert len(rows) == 2
+    loop, one = rows
+    assert "default threads (1)" in loop["figure"] and loop["unit"] == "GFLOP/s"
+    assert loop["ratio"] == pytest.approx(loop["value"] / loop["reference"])
+    # by hand: 5 experiments x 5 n, 10 classes, 64 dims, batch 200 -> nb = 100 base rows (half of the test setup's
+    # classes are base), novel rows min(|novel| * n, 100) per classifier
+    _, _, _, protocol, C, d, ns, E, batch, iters, seconds, threads = captured["args"]
+    nb_classes, nn_classes = len(protocol.classes.base_2), len(protocol.classes.novel_2)
+    nb = round(batch * nb_classes / (nb_classes + nn_classes))
+    novel_rows = E * sum(min(nn_classes * n, batch - nb) for n in ns)
+    assert loop["value"] == pytest.approx(4 * d * C * (nb * E * len(ns) + novel_rows) * iters / seconds / 1e9)
+    assert (C, d, batch, threads) == (10, 64, 200, 1)
+    assert "identical accuracies: yes" in one["note"]

@@ -179,3 +179,36 @@ def test_errors():
 
     with pytest.raises(NotFittedError):
         LowShotLogReg().logits(x)
+
+
+def test_small_softmax_by_hand_matches_torch():
+    from heads._cpu_blas import SMALL_SOFTMAX, Products
+
+    g = torch.Generator().manual_seed(0)
+    x, W, bias = torch.randn(40, 16, generator=g), torch.randn(5 * 10, 16, generator=g), torch.randn(50, generator=g)
+    mm = Products("cpu", "fp32", "torch")
+    got = mm.softmax_of_linear(x, W, bias.view(1, -1), groups=5).clone()          # [40, 5, 10]
+    ref = torch.softmax((x @ W.T + bias).view(40, 5, 10), dim=-1)
+    assert 10 <= SMALL_SOFTMAX
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(got.sum(-1), torch.ones(40, 5), atol=1e-6)
+
+
+def test_merged_novel_buckets_give_the_same_classifiers(monkeypatch):
+    """Small novel pools of every size share one step (MERGE_WORK); the weights equal those of one step per
+    bucket of similar sizes up to float rounding (zero-weight padding rows add nothing)."""
+    import heads.logreg as lr_mod
+
+    g = torch.Generator().manual_seed(1)
+    xb, yb = torch.randn(120, 8, generator=g).relu(), torch.randint(0, 3, (120,), generator=g)
+    problems = [(torch.randn(3 * n, 8, generator=g).relu(), torch.tensor([3, 4, 5] * n)) for n in (1, 2, 5, 10)]
+
+    def fit():
+        return LowShotLogReg(num_classes=6, iterations=50, batch_size=60).fit_many(
+            xb, yb, problems, base_classes=[0, 1, 2], novel_classes=[3, 4, 5])
+
+    merged = fit()
+    monkeypatch.setattr(lr_mod, "MERGE_WORK", 0)
+    separate = fit()
+    assert torch.allclose(merged.weight_, separate.weight_, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(merged.bias_, separate.bias_, rtol=1e-5, atol=1e-6)

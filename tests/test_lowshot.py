@@ -403,3 +403,26 @@ def test_old_and_new_spellings_of_options():
     assert ctx.params["n_spec"] == new.params["n_spec"] == "1,2" and ctx.params["wd"] == new.params["wd"] == 0.01
     assert ls._explicit(ctx) == ("wd",) and ls._explicit(new) == ("wd",)
     assert ls._explicit(ls.lowshot_command.make_context("lowshot", ["--store", "s", "--out", "o"])) == ()
+
+
+def test_report_leads_with_top1_below_50_classes_and_explains_flat_heads():
+    from bench.lowshot_report import flat_heads, lead_metrics
+
+    assert lead_metrics(10) == ("novel_top1", "all_top1")
+    assert lead_metrics(49) == ("novel_top1", "all_top1")
+    assert lead_metrics(50) == ("novel_top5", "all_top5")
+    assert lead_metrics(1000) == ("novel_top5", "all_top5")
+    stat = {"flat": {1: 50.0, 20: 46.0}, "rises": {1: 60.0, 20: 95.0}}
+    metrics = {"summary": {m: {f"n={n}": {"novel_top1": {"mean": v}} for n, v in s.items()} for m, s in stat.items()},
+               "runs": [{"method": "flat", "n": 1, "novel_as_base": 40.0}, {"method": "flat", "n": 1,
+                                                                           "novel_as_base": 44.0},
+                        {"method": "flat", "n": 20, "novel_as_base": 54.0}]}
+    lines = flat_heads(metrics, [1, 20])
+    assert len(lines) == 1 and lines[0].startswith("- **flat**")
+    assert "42% of the novel test images are classified as a base class at n=1 and 54% at n=20" in lines[0]
+
+
+def test_novel_as_base_by_hand():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 2.0], [9.0, 0.0, 0.0]])
+    labels = np.array([2, 2, 2, 0])        # three novel images (class 2): predicted 1, 0, 2 -> two go to base
+    assert ls.novel_as_base(logits, labels, base=[0, 1], novel=[2]) == pytest.approx(200 / 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from featstore.cli_support import main_entry
+from featstore.errors import UserError
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,8 +20,9 @@ from featstore.cli_support import main_entry
 @click.option("--split", default=None, help="Subset of the data source (e.g. train, test, background).")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Backbone weights (ours or a plain state dict).")
 @click.option("--random-init", is_flag=True, help="Allow random weights (a debugging aid, never a default).")
-@click.option("--image-size", type=int, default=None, help="Input side in px (default: the model's, or the data's "
-              "native size for small images).")
+@click.option("--image-size", type=int, default=None, help="Input side in px (default: the model's, at its "
+              "small-image size for data of 64 px or less; image folders and csv / imagenet-lowshot lists are "
+              "sized by a probe of their files).")
 @click.option("--small-input/--imagenet-stem", default=None,
               help="Stem for 28-32 px inputs (default: chosen from the input size).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
@@ -40,11 +42,13 @@ from featstore.cli_support import main_entry
 @click.option("--limit", type=int, default=None, help="Only the first N samples (quick looks).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Channels-last memory layout (faster on CPU); --no-channels-last keeps NCHW.")
+@click.option("--follow-links", is_flag=True, help="imagefolder: also read linked files and folders outside "
+              "--data-root (links inside it are always read; loops and doubly reached files are refused).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.pass_context
 def cli(ctx: click.Context, model, out, dataset, data_root, split, checkpoint, random_init, image_size, small_input,
         batch_size, workers, dtype, chunk_rows, compression, shard_rows, maps_layer, views, device, seed, threads,
-        limit, channels_last, quiet):
+        limit, channels_last, follow_links, quiet):
     """Extract features of a data set through a backbone into a Zarr feature store (resumable)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -52,12 +56,17 @@ def cli(ctx: click.Context, model, out, dataset, data_root, split, checkpoint, r
         raise click.UsageError("extract needs --model and --out (or a subcommand: extract list)")
     from extract.run import ExtractConfig, dist_info, run_extraction
 
+    source_options = {}
+    if follow_links:
+        if dataset.strip().lower() != "imagefolder":
+            raise UserError("--follow-links applies only to --dataset imagefolder")
+        source_options["follow_links"] = True
     cfg = ExtractConfig(model=model, out=out, dataset=dataset, data_root=data_root, split=split,
                         checkpoint=checkpoint, random_init=random_init, image_size=image_size,
                         small_input=small_input, batch_size=batch_size, workers=workers, dtype=dtype,
                         chunk_rows=chunk_rows, compression=compression, shard_rows=shard_rows, maps=maps_layer,
                         views=views, device=device, seed=seed, channels_last=channels_last, threads=threads,
-                        quiet=quiet, limit=limit)
+                        quiet=quiet, limit=limit, source_options=source_options)
     result = run_extraction(cfg)
     if not quiet and dist_info()[0] == 0:
         if result.rows_computed:

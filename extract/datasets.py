@@ -19,6 +19,18 @@ name                      root holds                                            
 ``open_source(name, root, split, **options)`` returns a :class:`Source`; ``load(i)`` gives a PIL image of mode
 ``"L"`` or ``"RGB"``; ``build_transform(spec)`` turns it into a float tensor ``[C, H, W]``.
 
+Files under a data root are data, never code: the CIFAR pickles are read by an unpickler that resolves only the
+globals their numpy arrays need (``_reconstruct``, ``_frombuffer``, ``ndarray``, ``dtype``, and ``_codecs.encode``
+for latin1 only) and refuses any other in one line naming the file and the global; nothing else is unpickled.
+An image folder follows symbolic links only inside its root (``follow_links=True`` allows links out of it) and
+refuses link loops and files reached twice. 16-bit grey images load as their high byte.
+
+Image size: digits, fashion-mnist, cifar and omniglot fix it by their format (``native_size`` 8, 28, 32, 105).
+The file sources (imagefolder, csv, imagenet-lowshot) read the size and mode of a sample of their files once
+(:meth:`Source.probe`: the first and seven seeded others; the most common size wins), so that ``native_size``
+drives the same small-image rule there (the small-input stem and the shift augmentation for 64 px or less); the
+probe is part of the transform spec and so of the store's fingerprint.
+
 Process safety: a source holds no open file between calls except the archive handle of the omniglot tar/zip
 forms, which is reopened lazily whenever ``os.getpid()`` changes (DataLoader workers fork) and is dropped when
 the source is pickled (spawned workers). Sources are therefore safe to hand to a ``DataLoader`` with any number
@@ -59,6 +71,7 @@ __all__ = [
     "build_transform",
     "transform_spec",
     "build_augment",
+    "probe_note",
     "IMAGE_EXTENSIONS",
     "NORMALIZATIONS",
 ]
@@ -151,7 +164,10 @@ class Source:
         name: registry name.  root: resolved data root (str) or None.  split: the split kept at open time.
         classes: list[str] of length C; label k means ``classes[k]``.
         labels: int64 [N].  ids: list[str] [N], stable and unique (relative path, or ``<split>/<index>``).
-        grayscale: whether ``load`` returns mode "L" (else "RGB").  native_size: image side when fixed, else None.
+        grayscale: whether ``load`` returns mode "L" (else "RGB").
+        native_size: image side when the format fixes it; for sources whose files may hold any size
+        (``probes_files``: imagefolder, csv, imagenet-lowshot) the longer side of the most common size among
+        the probed files (:meth:`probe`), None when no file could be read.
         splits: name -> sorted int64 array of sample indices (into this source, after ``split``).
         class_splits: name -> sorted list of class indices (imagenet-lowshot).
         meta: name -> array [N] of per-sample metadata (omniglot: "drawer", "alphabet").
@@ -160,6 +176,8 @@ class Source:
     name: str = ""
     needs_root: bool = True
     root_hint: str = "the data set"
+    # the format does not fix the image size: native_size comes from a probe of a sample of the files
+    probes_files: bool = False
 
     def __init__(self) -> None:
         self.root: str | None = None
@@ -169,7 +187,8 @@ class Source:
         self.labels: np.ndarray = np.zeros(0, np.int64)
         self.ids: list[str] = []
         self.grayscale: bool = False
-        self.native_size: int | None = None
+        self._native_size: int | None = None
+        self._probe: dict[str, Any] | None = None
         self.splits: dict[str, np.ndarray] = {}
         self.class_splits: dict[str, list[int]] = {}
         self.meta: dict[str, np.ndarray] = {}
@@ -187,7 +206,10 @@ class Source:
         return f"<Source {self.name} N={len(self)} classes={len(self.classes)} root={self.root} split={self.split}>"
 
     def load(self, i: int) -> Image.Image:
-        """Sample ``i`` as a PIL image of mode "L" (grayscale sources) or "RGB"."""
+        """Sample ``i`` as a PIL image of mode "L" (grayscale sources) or "RGB".
+
+        16-bit grey pixels become their high byte (``v >> 8``); 32-bit integer or float pixels outside 0..255 are
+        refused (PIL's ``convert`` would clip them)."""
         i = int(i)
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
@@ -196,12 +218,37 @@ class Source:
         try:
             img = self._read(i)
             img.load()
+            img = _to_8_bits(img, self.ids[i])
             # palette, 1-bit, RGBA, CMYK... all become the source's one mode ("1" -> "L" gives 0/255)
             return img if img.mode == mode else img.convert(mode)
         except UserError:
             raise
         except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... for broken files
             raise UserError(f"cannot read image {self.ids[i]} ({self.root}): {_one_line(exc)}") from exc
+
+    @property
+    def native_size(self) -> int | None:
+        if self._native_size is None and self.probes_files:
+            return self.probe()["side"]
+        return self._native_size
+
+    @native_size.setter
+    def native_size(self, value: int | None) -> None:
+        self._native_size = value
+
+    def probe(self) -> dict[str, Any]:
+        """Size and mode of a sample of the images: the first and up to ``PROBE_SAMPLES - 1`` others drawn with
+        seed 0 (a function of the sample count only, so the same tree probes the same files).
+
+        Returns ``{"files": k read, "unreadable": u, "size": [w, h], "side": max(w, h), "mode": PIL mode,
+        "mixed_sizes": bool, "mixed_modes": bool, "sizes": {"WxH": count}, "modes": {mode: count}}``. ``size`` is
+        the most common size (ties: the largest area), ``mode`` the most common mode as the file holds it (before
+        ``load`` converts it); both None when no probed file could be read (``load`` then reports the file).
+        Computed once per source (after ``split``).
+        """
+        if self._probe is None:
+            self._probe = _probe_images(self)
+        return dict(self._probe)
 
     def manifest_hash(self) -> str:
         """sha256 hex over ids, labels, classes, class splits and file sizes (or pixel arrays held in memory).
@@ -240,6 +287,7 @@ class Source:
             "num_classes": len(self.classes),
             "grayscale": self.grayscale,
             "native_size": self.native_size,
+            **({"probe": self.probe()} if self.probes_files else {}),
             "splits": {k: int(len(v)) for k, v in self.splits.items()},
             "class_splits": {k: len(v) for k, v in self.class_splits.items()},
             "options": {k: v for k, v in self.options.items()},
@@ -326,6 +374,73 @@ class Source:
                 new_splits[k] = np.sort(p)
         self.splits = new_splits
         self._manifest = None
+        self._probe = None
+
+
+PROBE_SAMPLES = 8
+
+
+def _probe_images(source: Source) -> dict[str, Any]:
+    n = len(source)
+    picks = [0] if n else []
+    if n > 1:
+        rest = np.random.default_rng(0).choice(np.arange(1, n), size=min(n - 1, PROBE_SAMPLES - 1), replace=False)
+        picks += sorted(int(i) for i in rest)
+    sizes: dict[tuple[int, int], int] = {}
+    modes: dict[str, int] = {}
+    unreadable = 0
+    for i in picks:
+        try:
+            img = source._read(i)  # the file's own size and mode, before load() converts it
+        except Exception:  # a broken file is reported by load(), with its id, when it is read for real
+            unreadable += 1
+            continue
+        sizes[img.size] = sizes.get(img.size, 0) + 1
+        modes[img.mode] = modes.get(img.mode, 0) + 1
+    size = max(sizes, key=lambda wh: (sizes[wh], wh[0] * wh[1], wh)) if sizes else None
+    mode = max(modes, key=lambda m: (modes[m], m)) if modes else None
+    return {
+        "files": int(sum(sizes.values())),
+        "unreadable": unreadable,
+        "size": list(size) if size else None,
+        "side": max(size) if size else None,
+        "mode": mode,
+        "mixed_sizes": len(sizes) > 1,
+        "mixed_modes": len(modes) > 1,
+        "sizes": {f"{w}x{h}": c for (w, h), c in sorted(sizes.items())},
+        "modes": dict(sorted(modes.items())),
+    }
+
+
+def probe_note(source: Any) -> str | None:
+    """One line for the user when the probed files of ``source`` differ in size (None otherwise)."""
+    if not getattr(source, "probes_files", False):
+        return None
+    p = source.probe()
+    if not p["mixed_sizes"]:
+        return None
+    seen = ", ".join(f"{wh} x{c}" for wh, c in p["sizes"].items())
+    return (f"note: the {p['files']} probed images of {source.name} differ in size ({seen}); the input size and "
+            f"augmentation follow the most common, {p['size'][0]}x{p['size'][1]} (pass --image-size to choose)")
+
+
+def _to_8_bits(img: Image.Image, sample_id: str) -> Image.Image:
+    """16-bit grey ("I;16*") scaled to "L" by the high byte (v >> 8); "I"/"F" kept only when within 0..255.
+
+    PIL's ``convert("L")`` clips these modes at 255, which turns a 16-bit picture into (nearly) two grey levels.
+    The high byte is what PIL itself keeps of 16-bit RGB and grey+alpha PNGs ("RGB;16B", "LA;16B"), so a 16-bit
+    grey file and the same picture as 16-bit RGB load alike; it maps the 8-bit values stored as 257 * v back to v.
+    """
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img)  # uint16 in the file's byte order
+        return Image.fromarray((arr.astype(np.uint16) >> 8).astype(np.uint8), mode="L")
+    if img.mode in ("I", "F"):  # 32-bit integer or float pixels: no agreed 8-bit scale
+        arr = np.asarray(img)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not (0 <= lo and hi <= 255):
+            raise UserError(f"image {sample_id} has {img.mode} pixels ({'float' if img.mode == 'F' else '32-bit'})"
+                            f" from {lo:g} to {hi:g}, outside 0..255; convert it to 8 bits per channel")
+    return img
 
 
 def _first_duplicate(items: list[str]) -> str:
@@ -497,13 +612,65 @@ class FashionMNISTSource(Source):
 # cifar
 
 
+# The CIFAR python version is only distributed as pickles. A pickle can name any importable callable and have the
+# unpickler call it, so these files are read with an unpickler that resolves only the globals that the format's
+# numpy arrays need and refuses every other one before anything is called: a crafted file runs no code.
+def _numpy_global(modules: tuple[str, ...], name: str) -> Callable[..., Any]:
+    import importlib
+
+    for module in modules:  # numpy 2 names its internals numpy._core; numpy 1 (and old pickles) numpy.core
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"numpy has no {name} in {' or '.join(modules)}")
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 writes bytes at pickle protocol <= 2 as _codecs.encode(text, "latin1"); nothing else is allowed
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+_RECONSTRUCT = ("numpy._core.multiarray", "numpy.core.multiarray")
+_FROMBUFFER = ("numpy._core.numeric", "numpy.core.numeric")
+_CIFAR_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
+    # ndarray at protocol <= 4: _reconstruct(ndarray, shape, dtype) then __setstate__; numpy 1 wrote numpy.core.
+    **{(m, "_reconstruct"): (lambda: _numpy_global(_RECONSTRUCT, "_reconstruct")) for m in _RECONSTRUCT},
+    # ndarray at protocol 5: _frombuffer(buffer, dtype, shape, order)
+    **{(m, "_frombuffer"): (lambda: _numpy_global(_FROMBUFFER, "_frombuffer")) for m in _FROMBUFFER},
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only :data:`_CIFAR_GLOBALS` (dicts, lists, strings, bytes and numbers
+    need no global)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        make = _CIFAR_GLOBALS.get((module, name))
+        if make is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return make()
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise _missing(path, "CIFAR file")
     try:
         with open(path, "rb") as f:
-            # The CIFAR python version is only distributed as pickles; latin1/bytes keeps py2 pickles readable.
-            obj = pickle.load(f, encoding="bytes")
+            # encoding="bytes" keeps python 2 pickles (the official files) readable: their str become bytes
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as exc:
+        raise UserError(f"refused to read CIFAR pickle {path}: it calls {exc}, which the CIFAR format never "
+                        "holds (only dicts, lists, strings, numbers and numpy arrays are read)") from None
     except Exception as exc:
         raise UserError(f"cannot read CIFAR pickle {path}: {_one_line(exc)}; download it again") from exc
     if not isinstance(obj, dict):
@@ -872,24 +1039,29 @@ class ImageFolderSource(Source):
     Classes are the sorted class-folder names; ids the relative paths ``<class>/<file>``, sorted by class then
     path. Files with extensions in :data:`IMAGE_EXTENSIONS` (any case) count; hidden files and files directly
     in root are ignored. ``grayscale=True`` makes ``load`` return mode "L" (default "RGB"). No splits.
+
+    Symbolic links inside the tree are followed while they point inside root; a link out of root is refused
+    unless ``follow_links=True``. Either way a link to one of its own parent folders (a loop) and two ids for
+    one real file (a link to another class's image or folder) are refused, so every image has one id and one
+    label.
     """
 
     root_hint = "one sub-folder of images per class"
+    probes_files = True
 
-    def __init__(self, root: Path, split: str | None = None, *, grayscale: bool = False) -> None:
+    def __init__(self, root: Path, split: str | None = None, *, grayscale: bool = False,
+                 follow_links: bool = False) -> None:
         super().__init__()
         self.root = str(root)
-        self.options = {"grayscale": bool(grayscale)}
+        self.options = {"grayscale": bool(grayscale), "follow_links": bool(follow_links)}
+        self._follow_links = bool(follow_links)
         class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not class_dirs:
             raise UserError(f"no class folders in {root}; imagefolder expects root/<class>/<image files>")
         ids, labels = [], []
+        seen: dict[str, str] = {}  # real path -> the id that first reached it
         for k, c in enumerate(class_dirs):
-            files = []
-            for dirpath, dirnames, filenames in os.walk(root / c, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                rel_dir = Path(dirpath).relative_to(root).as_posix()
-                files.extend(f"{rel_dir}/{f}" for f in filenames if _is_image_name(f))
+            files = self._walk(root, c, seen)
             if not files:
                 raise UserError(
                     f"class folder {root / c} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
@@ -903,6 +1075,45 @@ class ImageFolderSource(Source):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.grayscale = bool(grayscale)
         self._finish(split)
+
+    def _real(self, root: Path, rel: str) -> str:
+        """Real path of ``root/rel``; refuses a link that leaves root unless links may be followed anywhere."""
+        real = os.path.realpath(root / rel)
+        if not self._follow_links and os.path.commonpath([real, str(root)]) != str(root):
+            raise UserError(f"imagefolder: {rel} in {root} is a link to {real}, outside the root; pass "
+                            "follow_links=True (extract --follow-links) to read linked files outside it")
+        return real
+
+    def _walk(self, root: Path, top: str, seen: dict[str, str]) -> list[str]:
+        """Image ids under ``root/top``, depth first; ``seen`` maps real files to ids across all classes."""
+        files: list[str] = []
+        # (relative folder, real paths of it and its parents): a folder whose real path is among its own
+        # parents' is a loop (os.walk(followlinks=True) would go round it until the path is too long)
+        stack = [(top, (self._real(root, top),))]
+        while stack:
+            rel_dir, parents = stack.pop()
+            try:
+                entries = sorted(os.scandir(root / rel_dir), key=lambda e: e.name)
+            except OSError as exc:
+                raise UserError(f"cannot list {root / rel_dir}: {exc.strerror or exc}") from exc
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                rel = f"{rel_dir}/{e.name}"
+                if e.is_dir():  # follows links
+                    real = self._real(root, rel) if e.is_symlink() else os.path.join(parents[-1], e.name)
+                    if real in parents:
+                        raise UserError(f"imagefolder: {rel} in {root} is a link to {real}, one of its own "
+                                        "parent folders (a loop); remove the link")
+                    stack.append((rel, (*parents, real)))
+                elif _is_image_name(e.name):
+                    real = self._real(root, rel) if e.is_symlink() else os.path.join(parents[-1], e.name)
+                    if real in seen:
+                        raise UserError(f"imagefolder: {rel} and {seen[real]} in {root} are one file ({real}) "
+                                        "reached twice through a link; remove the link or the copy")
+                    seen[real] = rel
+                    files.append(rel)
+        return files
 
     def _read(self, i: int) -> Image.Image:
         return _open_image_file(Path(self.root or ".") / self.ids[i])
@@ -928,6 +1139,7 @@ class CsvSource(Source):
     """
 
     root_hint = "images/ plus train.csv, val.csv, test.csv (header filename,label)"
+    probes_files = True
     PARTS = ("train", "val", "test")
 
     def __init__(self, root: Path, split: str | None = None, *, grayscale: bool = False) -> None:
@@ -1027,6 +1239,7 @@ class ImageNetLowShotSource(Source):
     """
 
     root_hint = "train.json, val.json and label_idx.json"
+    probes_files = True
     LISTS = ("train", "val")
 
     def __init__(self, root: Path, split: str | None = None, *, list: str | None = None) -> None:  # noqa: A002
@@ -1122,7 +1335,7 @@ _INTERPOLATIONS = {
 }
 _SPEC_KEYS = ("size", "resize", "channels", "normalize", "interpolation")
 # informational keys written by transform_spec; build_transform accepts and ignores them
-_NOTE_KEYS = ("source_grayscale", "source_native_size", "channel_op")
+_NOTE_KEYS = ("source_grayscale", "source_native_size", "channel_op", "source_probe")
 
 
 def _check_spec(spec: dict) -> dict:
@@ -1243,7 +1456,8 @@ def transform_spec(input_spec: dict, source: Source, size: int | None = None) ->
     -> resize 96). Missing keys default to: size = the source's native size, channels 3, normalize "imagenet"
     (3 channels) or "none" (1 channel), interpolation "bilinear". The result adds notes from the source:
     ``source_grayscale``, ``source_native_size`` and ``channel_op`` ("replicate" gray -> RGB, "luma" RGB -> gray,
-    or "none"), so two sources that need different channel handling never share a fingerprint.
+    or "none"), so two sources that need different channel handling never share a fingerprint; sources whose
+    files may hold any size also add ``source_probe`` (:meth:`Source.probe`: the size and mode found).
     """
     spec = {k: v for k, v in dict(input_spec or {}).items() if k not in _NOTE_KEYS}
     unknown = sorted(set(spec) - set(_SPEC_KEYS))
@@ -1264,6 +1478,8 @@ def transform_spec(input_spec: dict, source: Source, size: int | None = None) ->
     spec.setdefault("interpolation", "bilinear")
     spec["source_grayscale"] = bool(source.grayscale)
     spec["source_native_size"] = source.native_size
+    if getattr(source, "probes_files", False):
+        spec["source_probe"] = source.probe()
     if source.grayscale and spec["channels"] == 3:
         spec["channel_op"] = "replicate"
     elif not source.grayscale and spec["channels"] == 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -247,6 +248,8 @@ class _FirstRows:
         self._source, n = source, min(limit, len(source))
         self.name, self.classes, self.grayscale = source.name, source.classes, source.grayscale
         self.native_size = source.native_size
+        self.probes_files = getattr(source, "probes_files", False)
+        self.probe = source.probe
         self.labels, self.ids = source.labels[:n], list(source.ids[:n])
         self.splits = {k: v[v < n] for k, v in source.splits.items()}
         self.class_splits = getattr(source, "class_splits", {})
@@ -350,6 +353,9 @@ def _run_extraction(cfg: ExtractConfig, device: torch.device) -> ExtractResult:
     source = ds.open_source(cfg.dataset, root=cfg.data_root, split=cfg.split, **cfg.source_options)
     if cfg.limit is not None:
         source = _FirstRows(source, cfg.limit)
+    note = ds.probe_note(source)
+    if note and not cfg.quiet and rank == 0 and cfg.image_size is None:
+        print(note, file=sys.stderr)
     model, weights, ckpt_info = prepare_model(cfg, source)
     spec = ds.transform_spec(model.input_spec, source, size=cfg.image_size)
     maps_shape = _maps_shape(model, cfg.maps, spec) if cfg.maps else None

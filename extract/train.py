@@ -14,6 +14,10 @@ Recipe (Hariharan & Girshick, ICCV 2017, and its original code): loss = mean CE 
 gamma every ``step_epochs`` (or cosine), optional constant warm-up lr. FSOR pretraining (TANE, Huang et al. CVPR 2022;
 DNPG, Zhang et al. ACM MM 2024): ``rotation="invariant"`` expands every batch to its four 90-degree rotations with the
 class label (TANE), ``rotation="aux"`` adds a 4-way rotation head with weight 0.7 (DNPG).
+After every epoch the BatchNorm statistics are recomputed under the epoch's final weights (``bn_stats="precise"``;
+Wu & Johnson 2021): the running averages of a short run at lr 0.1 lag the weights so far that the evaluation mode
+can fall far below the training accuracy (5 classes of 28-px digits, 3 epochs: 48% validation top-1 with the running
+averages, 96% with the recomputed statistics).
 
 Speed on small CPUs: the base-class images are decoded once into a uint8 tensor ``[N, C, R, R]`` when they fit
 (``memory_limit_gb``), and every augmentation runs batched on tensors (pad + random shift, random resized crop
@@ -90,6 +94,10 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("step", "cosine")
 ROTATIONS = ("none", "invariant", "aux")
 AUGMENTS = ("auto", "none", "shift", "shift-flip", "lowshot")
+BN_STATS = ("precise", "ema")
+# Training images the precise BatchNorm statistics are computed from (pycls takes 8,192 for ImageNet; on 28-px
+# digits 256 to 8,192 give the same validation top-1, and the forward pass costs time on small CPUs).
+PRECISE_BN_IMAGES = 1024
 # Handwriting and drawn characters: a mirrored character is another character, so "auto" never flips these.
 NO_FLIP_SOURCES = ("omniglot", "digits")
 # Config fields that may change between a run and its resumption (they do not change what is computed).
@@ -114,7 +122,8 @@ class TrainConfig:
     ``val``: the validation holdout of every base class: a fraction ``"0.1"`` (drawn with ``val_seed``), a meta
     rule ``"drawer>=17"`` (operators ``>= <= > < == !=``), ``"split=test"`` (a sample split of the source), or
     ``"none"`` (no validation). ``image_size``/``small_input`` default as in ``extract`` (the model's input size;
-    the small-image stem for sources of 64 px or less).
+    the small-image stem for sources of 64 px or less: the format's size, or for file sources the size their
+    probed files hold, :meth:`extract.datasets.Source.probe`).
 
     Optimisation (defaults: the low-shot recipe): ``optimizer`` sgd|adam, ``lr``, ``momentum``, ``nesterov``,
     ``weight_decay`` (every parameter), ``schedule`` step|cosine, ``step_epochs`` (one value: a period; several:
@@ -123,7 +132,11 @@ class TrainConfig:
     none|invariant|aux with ``rotation_weight`` (0.7, only for aux). ``augment``: auto (<= 64 px: random shift of
     ``shift`` px (default size/10, 1..4) by replicate padding + crop, plus a flip for natural images; larger:
     random resized crop 8-100% area + colour jitter 0.4 + flip, the low-shot recipe) | none | shift | shift-flip |
-    lowshot. ``bias``: classifier bias (the low-shot recipe has none).
+    lowshot. ``bias``: classifier bias (the low-shot recipe has none). ``bn_stats``: "precise" (default) replaces
+    the BatchNorm running statistics at the end of every epoch by plain averages over the clean views of up to
+    :data:`PRECISE_BN_IMAGES` training images under the epoch's final weights (PreciseBN: Wu & Johnson, "Rethinking
+    'Batch' in BatchNorm", 2021; pycls); "ema" keeps the running averages (momentum 0.1) training leaves. Only the
+    statistics differ: the weights follow the same path either way.
 
     Run: ``checkpoint_every`` K epochs (and the last), ``steps_per_epoch`` (cap, for quick runs), ``seed``,
     ``device``, ``workers`` (decode processes), ``threads`` (torch threads), ``channels_last``,
@@ -160,6 +173,7 @@ class TrainConfig:
     rotation_weight: float = 0.7
     augment: str = "auto"
     shift: int | None = None
+    bn_stats: str = "precise"
     bias: bool = False
     checkpoint_every: int = 10
     steps_per_epoch: int | None = None
@@ -192,6 +206,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"unknown schedule {cfg.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     if cfg.rotation not in ROTATIONS:
         raise UserError(f"unknown rotation mode {cfg.rotation!r}; choose one of: {', '.join(ROTATIONS)}")
+    if cfg.bn_stats not in BN_STATS:
+        raise UserError(f"unknown bn_stats {cfg.bn_stats!r}; choose one of: {', '.join(BN_STATS)}")
     if cfg.augment not in AUGMENTS:
         raise UserError(f"unknown augmentation {cfg.augment!r}; choose one of: {', '.join(AUGMENTS)}")
     if cfg.aux not in AUX_KINDS:
@@ -890,6 +906,9 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int, distri
 
     # model (its init is a function of the seed)
     source = ds.open_source(cfg.dataset, root=cfg.data_root, split=cfg.split)
+    note = ds.probe_note(source)
+    if note and not cfg.quiet and rank == 0 and cfg.image_size is None:
+        click.echo(note, err=True)
     small_input = cfg.small_input
     if small_input is None:
         small_input = wants_small_input(cfg.model, cfg.image_size or source.native_size)
@@ -967,6 +986,12 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int, distri
         sums = _train_epoch(cfg, ddp, net, optimizer, loss_fn, data, augment, batches, epoch, rank, device,
                             memory_format, show)
         sums = _all_sum(sums, distributed, device)
+        last = epoch + 1 == cfg.epochs
+        saving = last or (epoch + 1) % cfg.checkpoint_every == 0
+        # only evaluation and checkpoints read the statistics (training batches use their own), so they are
+        # recomputed only for those: the weights follow the same path either way
+        if cfg.bn_stats == "precise" and (saving or len(data.val_pos)):
+            precise_bn_stats(net.backbone, data, augment, device, cfg.batch_size)
         if distributed:  # DDP broadcasts buffers before each forward; make the BN statistics equal for evaluation
             import torch.distributed as dist
 
@@ -980,9 +1005,8 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int, distri
                   "lr": lr_at(cfg, epoch, 0, max(1, len(batches))), "seconds": seconds, "world_size": world}
         history.append(_plain(record))
         metrics = _metrics(cfg, history, provenance_base, world, device, out)
-        last = epoch + 1 == cfg.epochs
         if rank == 0:
-            if last or (epoch + 1) % cfg.checkpoint_every == 0:
+            if saving:
                 _save(out, epoch + 1, cfg, net, optimizer, base_names, provenance_base, history, metrics)
                 metrics["checkpoint_sha256"] = bb.sha256_file(out / "last.pt")
             write_json_atomic(out / "metrics.json", metrics)
@@ -1056,6 +1080,69 @@ def _train_epoch(cfg, ddp, net, optimizer, loss_fn, data, augment, batches, epoc
     finally:
         bar.close()
     return sums.tolist()
+
+
+def precise_bn_stats(model: nn.Module, data: "_Data", augment: "BatchAugment", device: torch.device,
+                     batch_size: int, limit: int = PRECISE_BN_IMAGES) -> int:
+    """Set every BatchNorm's running mean and variance of ``model`` to the mean and unbiased variance of its input
+    over the clean views of ``limit`` training images (all of them when fewer) under the current weights.
+
+    The running averages kept during training (momentum 0.1) mix batches seen under the weights of the last ~10
+    steps; early in a run at a high learning rate those differ enough from the final weights that the evaluation
+    mode can sit far below the training accuracy (PreciseBN: Wu & Johnson, "Rethinking 'Batch' in BatchNorm",
+    2021). The images are a fixed spread of the training positions in a fixed mixed order (seed 0, so batches hold
+    many classes, as in training), forwarded in batches of ``batch_size`` with the BatchNorm layers normalising by
+    batch statistics as in training; the statistics are accumulated over all of them in float64 (not an average of
+    per-batch variances, which would leave out the spread between batches). Draws nothing from the global RNGs;
+    every other module stays in evaluation mode, so dropout, DropBlock and their counters are untouched. Returns
+    the number of images used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+           and m.track_running_stats]
+    n = len(data.train_pos)
+    if not bns or n == 0:
+        return 0
+    order = np.random.default_rng(0).permutation(n)[:limit]
+    positions = data.train_pos[order]
+    sums: dict[int, list] = {id(m): [0.0, 0.0, 0] for m in bns}
+
+    def accumulate(module: nn.Module, inputs: tuple) -> None:
+        x = inputs[0].detach().to(torch.float64)
+        dims = [d for d in range(x.dim()) if d != 1]
+        acc = sums[id(module)]
+        acc[0] = acc[0] + x.sum(dims)
+        acc[1] = acc[1] + (x * x).sum(dims)
+        acc[2] += x.numel() // x.shape[1]
+
+    was = model.training
+    model.eval()
+    hooks = []
+    for m in bns:
+        m.train()
+        hooks.append(m.register_forward_pre_hook(accumulate))
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    try:
+        batches = [positions[s:s + batch_size].tolist() for s in range(0, len(positions), batch_size)]
+        with torch.no_grad():
+            for x_u8 in data.iterate(batches):
+                model(augment.clean(x_u8.to(device)))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    with torch.no_grad():
+        for m, (mean0, var0, tracked) in zip(bns, saved):
+            total, squares, count = sums[id(m)]
+            if count < 2:  # nothing seen: keep what training left
+                m.running_mean.copy_(mean0)
+                m.running_var.copy_(var0)
+            else:
+                mean = total / count
+                var = (squares - count * mean * mean).clamp_(min=0) / (count - 1)
+                m.running_mean.copy_(mean.to(m.running_mean.dtype))
+                m.running_var.copy_(var.to(m.running_var.dtype))
+            m.num_batches_tracked.copy_(tracked)
+    return len(positions)
 
 
 def _evaluate(net, data: _Data, augment: BatchAugment, rank: int, world: int, device: torch.device,
@@ -1411,6 +1498,9 @@ def _parse_model_options(_ctx, _param, values: tuple[str, ...]) -> dict:
 @click.option("--augment", type=click.Choice(AUGMENTS), default="auto", show_default=True)
 @click.option("--shift", type=int, default=None, help="Shift augmentation in px (default size/10, 1..4).")
 @click.option("--bias/--no-bias", default=False, show_default=True, help="Classifier bias.")
+@click.option("--bn-stats", type=click.Choice(BN_STATS), default="precise", show_default=True,
+              help="BatchNorm statistics kept after every epoch: precise (recomputed under the epoch's final "
+              "weights on clean training images) or ema (the running averages of training).")
 @click.option("--checkpoint-every", type=int, default=10, show_default=True, help="Checkpoint every K epochs.")
 @click.option("--steps-per-epoch", type=int, default=None, help="Cap on steps per epoch (quick runs).")
 @click.option("--seed", type=int, default=0, show_default=True,

@@ -467,7 +467,9 @@ def test_imagefolder(folder_root):
         if rel in arrs:
             np.testing.assert_array_equal(_pixels(img), arrs[rel])
     assert s.load(0).size == (7, 9)
-    assert s.native_size is None and s.splits == {}
+    # all five files are probed: four 5x6 and one 7x9; the most common size gives the side (its longer one)
+    assert s.probe()["sizes"] == {"5x6": 4, "7x9": 1} and s.probe()["mixed_sizes"]
+    assert s.native_size == 6 and s.splits == {}
     g = open_source("imagefolder", root, grayscale=True)
     assert g.grayscale and g.load(1).mode == "L"
     d = s.describe()

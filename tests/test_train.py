@@ -17,10 +17,12 @@ from torch import nn
 from extract import backbones as bb
 from extract import datasets as ds
 from extract.train import (
+    PRECISE_BN_IMAGES,
     BatchAugment,
     TrainConfig,
     finetune,
     holdout,
+    load_training_data,
     lr_at,
     param_groups,
     rank_batches,
@@ -412,3 +414,40 @@ def test_bad_threads_and_device_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(UserError, match="--device must be cpu, cuda or cuda:N"):
         train(replace(cfg, threads=None, device="tpu"))
     assert not (tmp_path / "run").exists()
+
+
+def _hand_bn_stats(conv: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and unbiased variance of conv(x) over images and positions (numpy, float64)."""
+    with torch.no_grad():
+        z = conv(x).double().numpy()
+    per_channel = z.transpose(1, 0, 2, 3).reshape(z.shape[1], -1)
+    return per_channel.mean(1), per_channel.var(1, ddof=1)
+
+
+def test_precise_bn_stats_are_those_of_the_final_weights(tmp_path):
+    cfg = tiny(tmp_path, "precise", lr=0.2)
+    train(cfg)
+    ema_cfg = tiny(tmp_path, "ema", lr=0.2, bn_stats="ema")
+    train(ema_cfg)
+    precise, ema = load(Path(cfg.out) / "last.pt"), load(Path(ema_cfg.out) / "last.pt")
+    # the statistics are all that differ: the weights followed the same path
+    for key, value in precise["state_dict"].items():
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(value, ema["state_dict"][key]), key
+    assert torch.equal(precise["state_dict"]["layer1.1.num_batches_tracked"],
+                       ema["state_dict"]["layer1.1.num_batches_tracked"])
+    data = load_training_data(cfg)
+    # the images the statistics come from: a fixed spread (seed 0) of PRECISE_BN_IMAGES training images
+    used = data.train_pos[np.random.default_rng(0).permutation(len(data.train_pos))[:PRECISE_BN_IMAGES]]
+    assert len(data.train_pos) > PRECISE_BN_IMAGES == len(used)
+    clean = BatchAugment({"kind": "none"}, data.spec, data.frame_spec["size"]).clean(data.images[used])
+    model = bb.create_backbone("conv4", small_input=precise["small_input"])
+    bb.load_checkpoint(model, Path(cfg.out) / "last.pt")
+    mean, var = _hand_bn_stats(model.layer1[0], clean)
+    np.testing.assert_allclose(precise["state_dict"]["layer1.1.running_mean"].numpy(), mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(precise["state_dict"]["layer1.1.running_var"].numpy(), var, rtol=1e-4, atol=1e-5)
+    # the running averages of training are another thing (six steps at lr 0.2 from a random start)
+    gap = np.abs(ema["state_dict"]["layer1.1.running_var"].numpy() - var).max()
+    assert gap > 100 * np.abs(precise["state_dict"]["layer1.1.running_var"].numpy() - var).max()
+    with pytest.raises(UserError, match="bn_stats"):
+        train(tiny(tmp_path, "bad", bn_stats="batch"))

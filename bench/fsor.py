@@ -76,6 +76,7 @@ inputs (``[n, d]`` only) is fitted episode by episode.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass, fields
@@ -155,6 +156,32 @@ def parse_head_spec(spec: str) -> tuple[str, dict]:
                             f"NAME.KEY=VALUE (or the older NAME:KEY=VALUE,KEY=VALUE)")
         params[key.strip().replace("-", "_")] = parse_value(value.strip())
     return name.strip(), params
+
+
+def fold_head_options(specs: Sequence[str], head_options: Sequence[str]) -> list[str]:
+    """``--head-option`` items folded into head specs: ``(["tane"], ["tane.epochs=4"])`` -> ``["tane:epochs=4"]``.
+
+    For commands that record and reload a head by its spec (``bench fsor-finetune``); every option is checked as
+    :func:`resolve_heads` does (an option a head does not take is a one-line error naming those it takes)."""
+    parsed = parse_head_options(head_options)
+    if not parsed:
+        return list(specs)
+    inline = [parse_head_spec(spec) for spec in specs]
+    names = list(dict.fromkeys(name for name, _ in inline))
+    with user_errors():
+        classes = {name: head_class(name) for name in names}
+    accepted = {n: accepted_params(c) + list(c.param_aliases) for n, c in classes.items()}
+    check_head_options(names, parsed, accepted)
+    out = []
+    for name, params in inline:
+        params = {**params, **head_options_for(name, parsed, accepted[name])}
+        for key, value in params.items():
+            if isinstance(value, (list, dict)) or "," in str(value):
+                raise UserError(f"--head-option {name}.{key}: a list or a value with a comma cannot be written into "
+                                f"a head spec; give a single value")
+        text = ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items())
+        out.append(f"{name}:{text}" if text else name)
+    return out
 
 
 def resolve_heads(heads: Sequence[str], head_options: Sequence[str] = ()) -> list[HeadSpec]:

@@ -931,6 +931,9 @@ def _ints(_ctx, param, value: str | None) -> list[int]:
               help="Input side in px [default: the checkpoint's training size, else the model's].")
 @click.option("--head", default="tane", show_default=True,
               help="tane or dnpg, optionally with hyper-parameters: dnpg:phase2_epochs=10,n_neg=3.")
+@click.option("--head-option", "head_options", multiple=True,
+              help="NAME.KEY=VALUE for the fine-tuned head or a --baseline-head (KEY=VALUE: every head that takes "
+                   "it); folded into the head specs, which the results record.")
 @click.option("--tune-part", type=int, default=4, show_default=True,
               help="Trainable last backbone stages (TANE/DNPG tune_part); 0 = frozen backbone.")
 @click.option("--backbone-lr", type=float, default=1e-4, show_default=True, help="Backbone lr (tunefeat); 0 = frozen.")
@@ -972,11 +975,16 @@ def _ints(_ctx, param, value: str | None) -> list[int]:
               help="Run even when test classes are base, validation or backbone training classes (recorded).")
 def fsor_finetune_command(**options: Any) -> None:
     """Fine-tune TANE / DNPG together with the backbone, re-extract the test data, run the FSOR protocol."""
-    options["baseline_heads"] = list(options["baseline_heads"])
+    from bench.fsor import fold_head_options
+
+    folded = fold_head_options([options["head"], *options["baseline_heads"]], options.pop("head_options"))
+    options["head"], options["baseline_heads"] = folded[0], list(folded[1:])
     run_fsor_finetune(FsorFinetuneConfig(**options), echo=click.echo)
 
 
-assert {p.name for p in fsor_finetune_command.params} == {f.name for f in fields(FsorFinetuneConfig)}, \
+# --head-option is folded into the head specs before the config is built
+_CLI_ONLY = {"head_options"}
+assert {p.name for p in fsor_finetune_command.params} - _CLI_ONLY == {f.name for f in fields(FsorFinetuneConfig)}, \
     "CLI and FsorFinetuneConfig differ"
 
 

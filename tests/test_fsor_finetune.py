@@ -157,12 +157,15 @@ def test_same_seed_same_checkpoint(tiny, tmp_path):
         assert torch.equal(states[0][key], states[1][key]), key
 
 
-@pytest.mark.parametrize("frozen", [{"tune_part": 0}, {"backbone_lr": 0.0}])
-def test_cli_frozen_backbone_stays_bit_identical(tiny, tmp_path, frozen):
+@pytest.mark.parametrize("frozen,option_spelling", [({"tune_part": 0}, False), ({"backbone_lr": 0.0}, True)])
+def test_cli_frozen_backbone_stays_bit_identical(tiny, tmp_path, frozen, option_spelling):
+    """(The second run gives the head's setting as --head-option dnpg.phase2_epochs=3: the same head and label.)"""
     from bench.cli import cli
 
-    cfg = config(tiny, tmp_path / "frozen", head="dnpg:phase2_epochs=3", **frozen)
+    cfg = config(tiny, tmp_path / "frozen", head="dnpg" if option_spelling else "dnpg:phase2_epochs=3", **frozen)
     args = cli_args(cfg) + ["--baseline-head", "protonet"]
+    if option_spelling:
+        args += ["--head-option", "dnpg.phase2_epochs=3"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     tuned = load(Path(cfg.out) / "finetuned.pt")
@@ -226,3 +229,19 @@ def test_select_rows_rules(tiny):
     assert len(select_rows(source, "split=background")) == len(source)
     with pytest.raises(UserError, match="--val-rule 'drawer'"):
         select_rows(source, "drawer", "--val-rule")
+
+
+def test_head_options_fold_into_the_specs_or_are_refused_in_one_line(tmp_path):
+    from bench.cli import cli
+    from bench.fsor import fold_head_options
+
+    assert fold_head_options(["tane", "protonet"], ["tane.epochs=4", "protonet.unknown_score=msp"]) == [
+        "tane:epochs=4", "protonet:unknown_score=msp"]
+    assert fold_head_options(["dnpg:n_neg=3"], ["dnpg.phase2_epochs=10"]) == ["dnpg:n_neg=3,phase2_epochs=10"]
+    assert fold_head_options(["tane"], []) == ["tane"]
+    result = CliRunner().invoke(cli, ["fsor-finetune", "--checkpoint", str(tmp_path / "none.pt"), "--out",
+                                      str(tmp_path / "o"), "--dataset", "digits", "--test-split", "x",
+                                      "--head-option", "tane.colour=1"])
+    assert result.exit_code != 0
+    assert "takes no option 'colour'" in str(result.exception or result.output)
+    assert not (tmp_path / "o").exists()

@@ -540,8 +540,11 @@ def run_fsor(store_path: str | os.PathLike, *, split: str | None = None, ways: i
     if batch is not None:
         episode_batch = batch
     shots = tuple(parse_shots(shots if isinstance(shots, str) else list(shots)))
-    with thread_limits(threads, work=episode_work(store_path, int(episode_batch), ways, open_ways, queries)):
-        return _run_fsor(store_path, split=split, ways=ways, shots=shots, open_ways=open_ways, queries=queries,
+    from featstore.store import FeatureStore
+
+    store = FeatureStore.open(store_path)
+    with thread_limits(threads, work=episode_work(store.dim, int(episode_batch), ways, open_ways, queries)):
+        return _run_fsor(store_path, store, split=split, ways=ways, shots=shots, open_ways=open_ways, queries=queries,
                          episodes=episodes, heads=tuple(heads), head_options=tuple(head_options), seed=seed,
                          episode_batch=int(episode_batch), device=device, threads=threads, out=out,
                          views_per_support=views_per_support, threshold=threshold, train_split=train_split,
@@ -549,20 +552,15 @@ def run_fsor(store_path: str | os.PathLike, *, split: str | None = None, ways: i
                          allow_overlap=bool(allow_overlap), extra_notes=tuple(notes))
 
 
-def episode_work(store_path, episode_batch: int, ways: int, open_ways: int, queries: int) -> float:
+def episode_work(dim: int, episode_batch: int, ways: int, open_ways: int, queries: int) -> float:
     """Multiply-adds of the largest product of one episode batch, ``[E, N, d] x [E, d, (N + M) * Q]`` (prototypes
     against queries), which :func:`featstore.runtime.default_threads` turns into a thread count."""
-    from featstore.store import FeatureStore
-
-    dim = FeatureStore.open(store_path).dim
     return float(episode_batch) * max(ways, 1) * (ways + open_ways) * queries * dim
 
 
-def _run_fsor(store_path, *, split, ways, shots, open_ways, queries, episodes, heads, head_options, seed,
+def _run_fsor(store_path, store, *, split, ways, shots, open_ways, queries, episodes, heads, head_options, seed,
               episode_batch, device, threads, out, views_per_support, threshold, train_split, val_split, quiet,
               chunk, echo, ready_heads, allow_overlap, extra_notes) -> dict:
-    from featstore.store import FeatureStore
-
     batch = episode_batch
     ready = dict(ready_heads or {})
     _positive((("--ways", ways), ("--queries", queries), ("--episodes", episodes), ("--episode-batch", batch)))
@@ -583,7 +581,6 @@ def _run_fsor(store_path, *, split, ways, shots, open_ways, queries, episodes, h
     if len(set(labels_all)) != len(labels_all):
         raise UserError("the same --head is given twice")
 
-    store = FeatureStore.open(store_path)
     if split is None and DEFAULT_SPLIT in store.split_names:
         split = DEFAULT_SPLIT
     if split is not None:

@@ -193,9 +193,9 @@ def _positive(option: str, value: Any, zero_ok: bool = False) -> None:
 
 
 def _write_record(path: Path, obj: Any) -> None:
-    from bench.report import _jsonable
+    from bench.report import jsonable
 
-    write_json_atomic(path, _jsonable(obj))
+    write_json_atomic(path, jsonable(obj))
 
 
 def _read_checkpoint(path: str) -> dict:
@@ -422,7 +422,7 @@ def _finished_finetune(cfg: FsorFinetuneConfig) -> dict | None:
     """The record of a fine-tuning already in ``out`` with the same settings (only the extraction and benchmark
     are then run again, e.g. after a failed extraction or with other test settings), or None when ``out`` holds
     none. Raises :class:`UserError` when ``out`` holds another fine-tuning: it is never overwritten."""
-    from bench.report import _jsonable
+    from bench.report import jsonable
     from extract import backbones as bb
 
     out = Path(cfg.out).expanduser()
@@ -436,7 +436,7 @@ def _finished_finetune(cfg: FsorFinetuneConfig) -> dict | None:
     if not isinstance(record, dict) or record.get("checkpoint_sha256") != bb.sha256_file(ckpt):
         raise UserError(f"{out} holds a fine-tuned checkpoint without its {RECORD_NAME}; choose a new --out")
     saved = record.get("config") or {}
-    for key, value in _jsonable(asdict(cfg)).items():
+    for key, value in jsonable(asdict(cfg)).items():
         if key not in EVALUATION_FIELDS and saved.get(key) != value:
             raise UserError(f"{out} already holds a fine-tuning with {key}={saved.get(key)!r}, not {value!r}; choose "
                             "a new --out (the same fine-tuning settings redo only the extraction and the benchmark)")

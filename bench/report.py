@@ -47,7 +47,6 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-_jsonable = jsonable   # the name bench modules used before it became public
 
 
 def _versions() -> dict:

@@ -92,7 +92,6 @@ def _refuse_inside_store(out_path: Path, store: FeatureStore) -> None:
                             "any store")
 
 
-file_sha256 = sha256_file  # the name the bench code uses
 
 
 # Labels above this need a classes file: without one the names "0".."<max label>" are made, and a file with a stray
@@ -209,7 +208,7 @@ def import_hdf5(h5_path: str | os.PathLike, out_store_path: str | os.PathLike, c
         dropped = rows - count
         if dropped:
             print(f"featstore: dropped {dropped} padding row(s) >= count ({count}) from {h5_path}", file=sys.stderr)
-        fingerprint = {"model": "imported-hdf5", "source_sha256": file_sha256(h5_path), "dtype": dtype}
+        fingerprint = {"model": "imported-hdf5", "source_sha256": sha256_file(h5_path), "dtype": dtype}
         layout = Layout(n=count, dim=dim, dtype=dtype, chunk_rows=chunk_rows, compression=compression)
         provenance = {"source": {"hdf5": str(h5_path.resolve()), "count": count, "rows_in_file": rows,
                                  "dropped_padding_rows": dropped}}

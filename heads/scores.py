@@ -49,7 +49,6 @@ def sorted_groups(s: torch.Tensor, descending: bool):
 
 
 #: the name the metric modules used before this module held the ranking helpers
-_sorted_groups = sorted_groups
 
 
 def average_ranks(scores: Any) -> torch.Tensor:

@@ -13,7 +13,7 @@ import pytest
 
 from featstore.cli import main
 from featstore.hdf5io import MAX_IMPLIED_CLASSES
-from featstore.store import FeatureStore, Layout
+from featstore.store import FeatureStore, Layout, write_store
 
 N, D = 40, 6
 
@@ -136,15 +136,8 @@ def test_import_huge_label_with_classes_file_is_checked_against_it(tmp_path, mon
 
 def _store(path: Path) -> np.ndarray:
     x = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32)
-    store = FeatureStore.create(path, Layout(n=N, dim=D, dtype="float32", chunk_rows=16),
-                                fingerprint={"model": "toy"}, classes=["a", "b", "c", "d"],
-                                labels=np.arange(N) % 4, ids=[f"r/{i}" for i in range(N)])
-    try:
-        for c in range(store.n_chunks):
-            lo, hi = store.chunk_range(c)
-            store.write_chunk(c, x[lo:hi])
-    finally:
-        store.close()
+    write_store(path, Layout(n=N, dim=D, dtype="float32", chunk_rows=16), x, fingerprint={"model": "toy"},
+                classes=["a", "b", "c", "d"], labels=np.arange(N) % 4, ids=[f"r/{i}" for i in range(N)])
     return x
 
 
